@@ -1,0 +1,93 @@
+"""Caption datasets over a feature store, with length-bucketed batches.
+
+A training epoch is a list of (row, caption) pairs: each image contributes
+``captions_per_image`` of its captions (drawn with the epoch's seed) or all of them. Pairs are
+shuffled, grouped into pools of many batches, sorted by length inside a pool and cut into batches,
+so a batch holds captions of nearly equal length and the decoder runs over little padding. The
+plan depends only on (seed, epoch), which is what makes resuming exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .features import FeatureStore
+
+POOL_BATCHES = 50  # batches per sorting pool: large enough to bucket, small enough to stay random
+
+
+@dataclass
+class Batch:
+    features: torch.Tensor  # (B, R, D) float32 regions, or (B, 3, S, S) uint8 pixels
+    tokens: torch.Tensor    # (B, T+1) <start> w1 .. wn <end> <pad>...
+    image_ids: list[int]
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self.tokens[:, :-1]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.tokens[:, 1:]
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.features.to(device, non_blocking=True), self.tokens.to(device), self.image_ids)
+
+
+class CaptionSplit:
+    """One split's images (those with features) and their tokenized captions."""
+
+    def __init__(self, store: FeatureStore, records: list[dict], in_memory_limit: float = 4e9):
+        self.store = store
+        usable = [r for r in records if r["id"] in store.row_of and r["id"] not in store.failed]
+        self.image_ids = [r["id"] for r in usable]
+        self.rows = np.array([store.row_of[i] for i in self.image_ids], dtype=np.int64)
+        self.captions = [r["tokens"] for r in usable]
+        self.records = usable
+        # Small stores are read into memory once; large ones stay memory-mapped.
+        self.array = np.asarray(store.array) if store.array.nbytes <= in_memory_limit else store.array
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def features(self, index: np.ndarray) -> torch.Tensor:
+        """Features of images ``index`` (positions in this split)."""
+        block = self.array[self.rows[index]]
+        tensor = torch.from_numpy(np.ascontiguousarray(block))
+        return tensor if tensor.dtype == torch.uint8 else tensor.float()
+
+    def epoch_plan(self, epoch: int, seed: int, batch_size: int, captions_per_image: int
+                   ) -> list[np.ndarray]:
+        """Length-bucketed batches of (image index, caption index) pairs for one epoch."""
+        rng = np.random.default_rng([seed, epoch])
+        pairs = []
+        for i, caps in enumerate(self.captions):
+            if captions_per_image <= 0 or captions_per_image >= len(caps):
+                pairs += [(i, c) for c in range(len(caps))]
+            else:
+                pairs += [(i, int(c)) for c in rng.choice(len(caps), captions_per_image, replace=False)]
+        pairs = np.array(pairs, dtype=np.int64)[rng.permutation(len(pairs))]
+        lengths = np.array([len(self.captions[i][c]) for i, c in pairs])
+        batches = []
+        pool = batch_size * POOL_BATCHES
+        for lo in range(0, len(pairs), pool):
+            order = lo + np.argsort(lengths[lo:lo + pool], kind="stable")
+            batches += [pairs[order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
+        return [batches[k] for k in rng.permutation(len(batches))]
+
+    def batch(self, pairs: np.ndarray) -> Batch:
+        """Gather features and pad captions for one planned batch."""
+        seqs = [self.captions[i][c] for i, c in pairs]
+        tokens = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+        for k, s in enumerate(seqs):
+            tokens[k, : len(s)] = torch.tensor(s)
+        return Batch(self.features(pairs[:, 0]), tokens, [self.image_ids[i] for i in pairs[:, 0]])
+
+    def image_batches(self, batch_size: int):
+        """Yield (image ids, features) over every image once, in order (for decoding)."""
+        for lo in range(0, len(self), batch_size):
+            index = np.arange(lo, min(lo + batch_size, len(self)))
+            yield [self.image_ids[i] for i in index], self.features(index)

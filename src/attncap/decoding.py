@@ -1,0 +1,173 @@
+"""Caption generation: greedy, beam search and sampling, all built on ``Captioner.step``.
+
+Every function decodes a batch of images at once and returns, per image, :class:`Caption` objects
+holding the word ids, the attention map behind every word and the log-probability. Evaluation,
+the CLI and the server all call these; there is no other decoding code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import AttncapError
+from .model import Captioner
+
+
+@dataclass
+class Caption:
+    tokens: list[int]     # word ids, without <start> and <end>
+    alphas: np.ndarray    # (len(tokens), R) attention weights of each word
+    score: float          # total log-probability, <end> included when emitted
+    normalised: float     # score / length**length_penalty (what beam search ranks by)
+
+
+Chooser = Callable[[torch.Tensor], torch.Tensor]  # log-probs (B, V) -> next words (B,)
+
+
+@torch.inference_mode()
+def _sequential(model: Captioner, features: torch.Tensor, start: int, end: int, max_len: int,
+                choose: Chooser) -> list[Caption]:
+    """One hypothesis per image, extended word by word with ``choose``, until ``<end>``."""
+    memory = model.encode(features)
+    state = model.init_state(memory)
+    B = features.shape[0]
+    words = torch.full((B,), start, dtype=torch.long, device=features.device)
+    done = torch.zeros(B, dtype=torch.bool, device=features.device)
+    score = torch.zeros(B, device=features.device)
+    steps, alphas = [], []
+    for _ in range(max_len):
+        logp, alpha, state = model.step(memory, state, words)
+        words = choose(logp)
+        score += torch.where(done, 0.0, logp.gather(1, words[:, None]).squeeze(1))
+        steps.append(torch.where(done, end, words))
+        alphas.append(alpha)
+        done |= words == end
+        if bool(done.all()):
+            break
+    tokens = torch.stack(steps, 1).cpu().numpy()            # (B, L)
+    maps = torch.stack(alphas, 1).float().cpu().numpy()     # (B, L, R)
+    out = []
+    for b in range(B):
+        ends = np.flatnonzero(tokens[b] == end)
+        n = int(ends[0]) if len(ends) else tokens.shape[1]
+        s = float(score[b])
+        out.append(Caption(tokens[b, :n].tolist(), maps[b, :n], s, s))
+    return out
+
+
+def greedy(model: Captioner, features: torch.Tensor, start: int, end: int, max_len: int = 30
+           ) -> list[Caption]:
+    """The most likely next word at every step."""
+    return _sequential(model, features, start, end, max_len, lambda logp: logp.argmax(-1))
+
+
+def sample(model: Captioner, features: torch.Tensor, start: int, end: int, max_len: int = 30,
+           temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None
+           ) -> list[Caption]:
+    """Draw each word from the (temperature-scaled, optionally top-k truncated) distribution."""
+    if temperature <= 0:
+        raise AttncapError(f"temperature must be positive, got {temperature}")
+
+    def choose(logp: torch.Tensor) -> torch.Tensor:
+        logits = logp / temperature
+        if top_k > 0:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+
+    return _sequential(model, features, start, end, max_len, choose)
+
+
+@dataclass
+class _Beams:
+    """Alive hypotheses of B images x K beams, flattened to B*K rows."""
+
+    scores: torch.Tensor   # (B, K) total log-probabilities
+    tokens: torch.Tensor   # (B*K, t) words so far
+    alphas: torch.Tensor   # (B*K, t, R) their attention
+
+
+@torch.inference_mode()
+def beam_search(model: Captioner, features: torch.Tensor, start: int, end: int, beam_size: int = 3,
+                max_len: int = 30, length_penalty: float = 0.0, n_best: int = 1
+                ) -> list[list[Caption]]:
+    """Batched beam search over all images at once; returns the ``n_best`` captions per image.
+
+    Hypotheses are ranked by ``score / length**length_penalty`` (length counts ``<end>``). An image
+    stops collecting once it holds ``beam_size`` finished hypotheses; the batch stops when every
+    image has, or at ``max_len`` (then unfinished beams count as finished).
+    """
+    if beam_size < 1 or n_best < 1 or n_best > beam_size:
+        raise AttncapError(f"need 1 <= n_best <= beam_size, got n_best={n_best}, beam_size={beam_size}")
+    B, K, dev = features.shape[0], beam_size, features.device
+    memory = model.encode(features)
+    R = memory.regions.shape[1]
+    rows = torch.arange(B, device=dev).repeat_interleave(K)          # (B*K,) image of each beam
+    memory = memory.index_select(rows)
+    state = model.init_state(memory)
+    scores = torch.full((B, K), float("-inf"), device=dev)
+    scores[:, 0] = 0.0                                               # all beams start identical
+    beams = _Beams(scores, torch.empty(B * K, 0, dtype=torch.long, device=dev),
+                   torch.empty(B * K, 0, R, device=dev))
+    words = torch.full((B * K,), start, dtype=torch.long, device=dev)
+    finished: list[list[Caption]] = [[] for _ in range(B)]
+    for t in range(max_len):
+        logp, alpha, state = model.step(memory, state, words)        # (B*K, V), (B*K, R)
+        V = logp.shape[-1]
+        total = (beams.scores.unsqueeze(-1) + logp.view(B, K, V)).view(B, K * V)
+        top, idx = total.topk(2 * K, dim=1)                          # (B, 2K): at most K end here
+        origin = (idx // V) + (torch.arange(B, device=dev) * K).unsqueeze(1)  # (B, 2K) flat beam
+        word = idx % V
+        is_end = word == end
+        # Like fairseq: a hypothesis ending here counts only if it ranks among the top K.
+        _collect(finished, top[:, :K], origin, is_end[:, :K], beams, t + 1, length_penalty, K)
+        keep_scores, keep = top.masked_fill(is_end, float("-inf")).topk(K, dim=1)  # (B, K)
+        src = origin.gather(1, keep).view(-1)                        # (B*K,)
+        words = word.gather(1, keep).view(-1)
+        beams = _Beams(keep_scores, torch.cat([beams.tokens[src], words[:, None]], 1),
+                       torch.cat([beams.alphas[src], alpha[src].unsqueeze(1)], 1))
+        state = state.index_select(src)
+        if all(len(f) >= K for f in finished):
+            break
+    else:
+        _flush_alive(finished, beams, length_penalty, K)
+    return [sorted(f, key=lambda c: -c.normalised)[:n_best] for f in finished]
+
+
+def _collect(finished, top, origin, is_end, beams: _Beams, length, penalty, K) -> None:
+    """Move hypotheses that just emitted ``<end>`` into ``finished`` (at most K per image)."""
+    for b, j in is_end.nonzero().tolist():
+        score = float(top[b, j])
+        if len(finished[b]) >= K or score == float("-inf"):
+            continue
+        o = int(origin[b, j])
+        tokens = beams.tokens[o].tolist()
+        finished[b].append(Caption(tokens, beams.alphas[o].float().cpu().numpy(), score,
+                                   score / (length ** penalty)))
+
+
+def _flush_alive(finished, beams: _Beams, penalty, K) -> None:
+    """At max_len, unfinished beams fill the images that still lack K finished hypotheses."""
+    B = len(finished)
+    length = beams.tokens.shape[1]
+    for b in range(B):
+        for k in range(K):
+            score = float(beams.scores[b, k])
+            if len(finished[b]) >= K or score == float("-inf"):
+                continue
+            o = b * K + k
+            finished[b].append(Caption(beams.tokens[o].tolist(), beams.alphas[o].float().cpu().numpy(),
+                                       score, score / (length ** penalty)))
+
+
+def decode(model: Captioner, features: torch.Tensor, start: int, end: int, beam_size: int = 1,
+           max_len: int = 30, length_penalty: float = 0.0) -> list[Caption]:
+    """The best caption per image: greedy for ``beam_size == 1``, beam search otherwise."""
+    if beam_size == 1:
+        return greedy(model, features, start, end, max_len)
+    return [c[0] for c in beam_search(model, features, start, end, beam_size, max_len,
+                                      length_penalty, n_best=1)]

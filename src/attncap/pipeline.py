@@ -1,0 +1,98 @@
+"""The stages wired together over one run directory, as the CLI and the demo use them.
+
+Each stage reads the previous stage's artifacts from ``run_dir`` and writes its own; the run's
+effective config is saved as ``run_dir/config.json`` so later stages (and checkpoints) agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from . import config as config_lib
+from .config import RunConfig
+from .data.shapes import generate_shapes_world
+from .encoders import build_encoder
+from .errors import AttncapError
+from .evaluate import evaluate_run
+from .features import ImageItem, extract_features, verify_store
+from .files import read_json, write_json
+from .prepare import SPLITS, load_split, prepare
+from .train import TrainState, train
+
+
+def run_config(run_dir: str | Path, config_file: str | None = None,
+               overrides: dict[str, dict] | None = None) -> RunConfig:
+    """Defaults < the run's saved config < a config file < command-line overrides."""
+    saved = Path(run_dir) / "config.json"
+    cfg = RunConfig()
+    if saved.is_file():
+        cfg = config_lib.from_dict(read_json(saved, "run config"), source=str(saved))
+    if config_file:
+        cfg = config_lib.load(config_file, cfg)
+    return config_lib.merge(cfg, overrides or {}, source="command line")
+
+
+def save_run_config(run_dir: str | Path, cfg: RunConfig) -> None:
+    write_json(Path(run_dir) / "config.json", config_lib.to_dict(cfg))
+
+
+def prepare_stage(run_dir: str | Path, cfg: RunConfig, progress: bool = True) -> int:
+    """Get the data (generating the shapes world if asked) and tokenize it; returns the vocab size."""
+    run_dir = Path(run_dir)
+    save_run_config(run_dir, cfg)
+    d = cfg.data
+    if d.dataset == "shapes":
+        world = generate_shapes_world(run_dir / "dataset", d.train_images, d.val_images,
+                                      d.test_images, d.shapes_image_size, d.seed, progress=progress)
+        data_cfg = dataclasses.replace(d, splits=str(world.splits_json))
+        vocab = prepare(data_cfg, world.captions_json, world.images_dir, run_dir / "data",
+                        extra={"objects": str(world.objects_json)})
+    elif d.dataset == "coco":
+        if not d.captions or not d.images:
+            raise AttncapError("data.captions and data.images must be set for dataset 'coco' "
+                               "(e.g. --set data.captions=captions.json --set data.images=DIR)")
+        vocab = prepare(d, d.captions, d.images, run_dir / "data")
+    else:
+        raise AttncapError(f"data.dataset must be 'shapes' or 'coco', got {d.dataset!r}")
+    return len(vocab)
+
+
+def features_stage(run_dir: str | Path, cfg: RunConfig, progress: bool = True,
+                   allow_download: bool = True) -> None:
+    """Run the encoder over every split into the feature store (reused or resumed when possible)."""
+    run_dir = Path(run_dir)
+    save_run_config(run_dir, cfg)
+    e = cfg.encoder
+    encoder = build_encoder(e.name, e.pretrained, e.colour_stats, allow_download)
+    for split in SPLITS:
+        items = [ImageItem(r["id"], r["file"]) for r in load_split(run_dir / "data", split)]
+        extract_features(encoder, items, run_dir / "features", split, e.pretrained, e.batch_size,
+                         e.workers, progress)
+
+
+def verify_stage(run_dir: str | Path) -> list[str]:
+    return [f"{split}: {p}" for split in SPLITS for p in verify_store(Path(run_dir) / "features", split)]
+
+
+def train_stage(run_dir: str | Path, cfg: RunConfig, resume: bool = True, progress: bool = True
+                ) -> TrainState:
+    save_run_config(run_dir, cfg)
+    return train(run_dir, cfg, resume=resume, progress=progress)
+
+
+def demo(run_dir: str | Path, cfg: RunConfig, progress: bool = True) -> dict[str, float]:
+    """Every stage on the configured data; returns the test scores."""
+    timings = {}
+    for name, stage in (("prepare", lambda: prepare_stage(run_dir, cfg, progress)),
+                        ("features", lambda: features_stage(run_dir, cfg, progress)),
+                        ("train", lambda: train_stage(run_dir, cfg, progress=progress)),
+                        ("evaluate", lambda: evaluate_run(run_dir, cfg.decode, progress=progress))):
+        started = time.time()
+        if progress:
+            print(f"== {name}", flush=True)
+        result = stage()
+        timings[name] = round(time.time() - started, 1)
+    write_json(Path(run_dir) / "eval" / "timings.json", timings)
+    return result
