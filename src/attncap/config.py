@@ -44,6 +44,7 @@ class EncoderConfig:
     name: str = "efficientnet_lite0"  # inception_v3 | efficientnet_lite0 | resnet101 | small_cnn
     pretrained: bool = True           # False: random weights (only on explicit request)
     colour_stats: bool = False        # append a per-cell colour histogram to each region vector
+    precision: str = "auto"           # fp32 | bf16 | auto (bf16 where the hardware is fast at it)
     batch_size: int = 32              # images per extraction batch
     workers: int = 2                  # JPEG decoding processes
 
@@ -110,10 +111,10 @@ def to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(cfg)
 
 
-def _coerce(section: str, key: str, value: Any, kind: type) -> Any:
+def _coerce(section: str, key: str, value: Any, kind: type, from_text: bool) -> Any:
     """Check (and for strings from the command line, parse) one value against its field type."""
     where = f"{section}.{key}"
-    if isinstance(value, str) and kind is not str:
+    if from_text and isinstance(value, str) and kind is not str:
         text = value.strip()
         if kind is bool:
             if text.lower() in ("true", "1", "yes", "on"):
@@ -139,8 +140,13 @@ def _section_class(name: str) -> type:
     }[name]
 
 
-def merge(cfg: RunConfig, updates: dict[str, dict[str, Any]], source: str = "config") -> RunConfig:
-    """Return ``cfg`` with ``{section: {key: value}}`` applied; unknown keys and wrong types raise."""
+def merge(cfg: RunConfig, updates: dict[str, dict[str, Any]], source: str = "config",
+          from_text: bool = False) -> RunConfig:
+    """Return ``cfg`` with ``{section: {key: value}}`` applied; unknown keys and wrong types raise.
+
+    ``from_text``: values are command-line strings to parse ("5", "true"); otherwise (files)
+    they must already have the field's type.
+    """
     sections = {}
     for name, values in updates.items():
         if name not in SECTIONS:
@@ -155,7 +161,7 @@ def merge(cfg: RunConfig, updates: dict[str, dict[str, Any]], source: str = "con
             if key not in hints:
                 raise AttncapError(
                     f"{source}: unknown setting {name}.{key}; known: {', '.join(hints)}")
-            changes[key] = _coerce(name, key, value, hints[key])
+            changes[key] = _coerce(name, key, value, hints[key], from_text)
         sections[name] = dataclasses.replace(current, **changes)
     return dataclasses.replace(cfg, **sections)
 

@@ -27,6 +27,20 @@ class Caption:
 
 Chooser = Callable[[torch.Tensor], torch.Tensor]  # log-probs (B, V) -> next words (B,)
 
+PAD = 0
+
+
+def _step(model: Captioner, memory, state, words: torch.Tensor, start: int):
+    """``model.step`` with ``<pad>`` and ``<start>`` made impossible as next words.
+
+    The remaining log-probabilities are left as they are (not renormalised), so scores stay the
+    model's own; every emitted token is then a word or ``<end>``, one attention map each.
+    """
+    logp, alpha, state = model.step(memory, state, words)
+    logp[:, PAD] = float("-inf")
+    logp[:, start] = float("-inf")
+    return logp, alpha, state
+
 
 @torch.inference_mode()
 def _sequential(model: Captioner, features: torch.Tensor, start: int, end: int, max_len: int,
@@ -40,7 +54,7 @@ def _sequential(model: Captioner, features: torch.Tensor, start: int, end: int, 
     score = torch.zeros(B, device=features.device)
     steps, alphas = [], []
     for _ in range(max_len):
-        logp, alpha, state = model.step(memory, state, words)
+        logp, alpha, state = _step(model, memory, state, words, start)
         words = choose(logp)
         score += torch.where(done, 0.0, logp.gather(1, words[:, None]).squeeze(1))
         steps.append(torch.where(done, end, words))
@@ -116,7 +130,7 @@ def beam_search(model: Captioner, features: torch.Tensor, start: int, end: int, 
     words = torch.full((B * K,), start, dtype=torch.long, device=dev)
     finished: list[list[Caption]] = [[] for _ in range(B)]
     for t in range(max_len):
-        logp, alpha, state = model.step(memory, state, words)        # (B*K, V), (B*K, R)
+        logp, alpha, state = _step(model, memory, state, words, start)  # (B*K, V), (B*K, R)
         V = logp.shape[-1]
         total = (beams.scores.unsqueeze(-1) + logp.view(B, K, V)).view(B, K * V)
         top, idx = total.topk(2 * K, dim=1)                          # (B, 2K): at most K end here

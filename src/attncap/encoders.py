@@ -33,13 +33,19 @@ class EncoderSpec:
 
 
 class Encoder(nn.Module):
-    """Base class: ``forward(uint8 (B,3,S,S)) -> (B, R, D)``."""
+    """Base class: ``forward(uint8 (B,3,S,S)) -> (B, R, D)``.
+
+    ``precision`` is "fp32" or "bf16" (autocast: on CPUs with AVX512-BF16 and on GPUs about 2.5x
+    faster for frozen extraction; features differ from fp32 by a few percent, and the store
+    records which was used so captioning new images uses the same).
+    """
 
     spec: EncoderSpec
 
     def __init__(self, spec: EncoderSpec):
         super().__init__()
         self.spec = spec
+        self.precision = "fp32"
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL RGB image -> uint8 tensor (3, S, S), squashed to the encoder's square input like the seed."""
@@ -53,8 +59,9 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        grid = self.features(images)                      # (B, D, g, g)
-        return grid.flatten(2).transpose(1, 2).contiguous()  # (B, R, D)
+        with torch.autocast(images.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+            grid = self.features(images)                   # (B, D, g, g)
+        return grid.float().flatten(2).transpose(1, 2).contiguous()  # (B, R, D)
 
 
 class _Normalised(Encoder):
@@ -67,7 +74,7 @@ class _Normalised(Encoder):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() / 255.0 - self.mean) / self.std  # (B, 3, S, S)
-        return self.backbone(x)
+        return self.backbone(x.contiguous(memory_format=torch.channels_last))
 
 
 class _InceptionTrunk(nn.Module):
@@ -143,7 +150,8 @@ class _ImageNetNormalised(Encoder):
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone((images.float() / 255.0 - self.mean) / self.std)
+        x = (images.float() / 255.0 - self.mean) / self.std
+        return self.backbone(x.contiguous(memory_format=torch.channels_last))
 
 
 class _EfficientNetTrunk(nn.Module):
@@ -241,14 +249,33 @@ ENCODERS: dict[str, Callable[..., Encoder]] = {
 }
 
 
+def resolve_precision(precision: str, device: str = "cpu") -> str:
+    """"auto" -> "bf16" where the hardware runs it fast (GPU, or a CPU with AVX512-BF16), else "fp32"."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise AttncapError(f"encoder.precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "bf16"
+    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
+        else "fp32"
+
+
 def build_encoder(name: str, pretrained: bool = True, colour_stats: bool = False,
-                  allow_download: bool = True) -> Encoder:
-    """Build an encoder by name (see :data:`ENCODERS`), in eval mode if frozen."""
+                  allow_download: bool = True, precision: str = "fp32") -> Encoder:
+    """Build an encoder by name (see :data:`ENCODERS`); frozen ones in eval mode, channels-last.
+
+    Random (``pretrained=False``) weights are seeded, so the same encoder can be rebuilt to
+    caption new images consistently with its feature store.
+    """
     if name not in ENCODERS:
         raise AttncapError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
-    encoder = ENCODERS[name](pretrained=pretrained, allow_download=allow_download)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = ENCODERS[name](pretrained=pretrained, allow_download=allow_download)
     if colour_stats:
         encoder = ColourStats(encoder)
     if not encoder.spec.trainable:
-        encoder.eval().requires_grad_(False)
+        encoder.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        encoder.precision = resolve_precision(precision)
     return encoder

@@ -66,7 +66,7 @@ def _collate(batch):
 def _encoder_record(encoder: Encoder, pretrained: bool) -> dict:
     s = encoder.spec
     return {"name": s.name, "image_size": s.image_size, "grid": s.grid, "dim": s.dim,
-            "trainable": s.trainable, "pretrained": pretrained,
+            "trainable": s.trainable, "pretrained": pretrained, "precision": encoder.precision,
             "colour_stats": type(encoder).__name__ == "ColourStats"}
 
 

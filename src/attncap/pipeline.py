@@ -31,7 +31,7 @@ def run_config(run_dir: str | Path, config_file: str | None = None,
         cfg = config_lib.from_dict(read_json(saved, "run config"), source=str(saved))
     if config_file:
         cfg = config_lib.load(config_file, cfg)
-    return config_lib.merge(cfg, overrides or {}, source="command line")
+    return config_lib.merge(cfg, overrides or {}, source="command line", from_text=True)
 
 
 def save_run_config(run_dir: str | Path, cfg: RunConfig) -> None:
@@ -65,7 +65,7 @@ def features_stage(run_dir: str | Path, cfg: RunConfig, progress: bool = True,
     run_dir = Path(run_dir)
     save_run_config(run_dir, cfg)
     e = cfg.encoder
-    encoder = build_encoder(e.name, e.pretrained, e.colour_stats, allow_download)
+    encoder = build_encoder(e.name, e.pretrained, e.colour_stats, allow_download, e.precision)
     for split in SPLITS:
         items = [ImageItem(r["id"], r["file"]) for r in load_split(run_dir / "data", split)]
         extract_features(encoder, items, run_dir / "features", split, e.pretrained, e.batch_size,

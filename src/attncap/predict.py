@@ -34,7 +34,8 @@ class Predictor:
         self.model, self.vocab, self.cfg, info = load_model(checkpoint, self.device)
         # A trainable encoder is part of the model; a frozen one is rebuilt exactly as for the store.
         self.encoder = None if info["trainable"] else build_encoder(
-            info["name"], info["pretrained"], info.get("colour_stats", False)).to(self.device)
+            info["name"], info["pretrained"], info["colour_stats"], precision=info["precision"]
+        ).to(self.device)
         self.image_size = info["image_size"]
         self._preprocess = (self.model.encoder or self.encoder).preprocess
 

@@ -124,8 +124,8 @@ def _place(rng: np.random.Generator, side: int, size: int, boxes: list[list[int]
 
 def _sample_objects(rng: np.random.Generator, size: int) -> list[dict]:
     """1-4 non-overlapping objects: [{"bbox": [x, y, w, h], "shape", "colour", "size"}]."""
-    colours = tuple(COLOURS)
-    specs = [(_pick(rng, SHAPES), _pick(rng, colours), _pick(rng, SIZES)) for _ in range(int(rng.integers(1, 5)))]
+    n = int(rng.integers(1, 5))
+    specs = [(_pick(rng, SHAPES), _pick(rng, tuple(COLOURS)), _pick(rng, SIZES)) for _ in range(n)]
     specs.sort(key=lambda spec: spec[2] != "large")  # large first: easier packing
     while True:  # a failed packing starts again; 4 large objects always fit at 36 % each
         boxes: list[list[int]] = []
@@ -153,7 +153,7 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
     start, end = _background_colour(rng), _background_colour(rng)
     angle = rng.uniform(0.0, 2 * np.pi)
     t = np.linspace(-0.5, 0.5, size, dtype=np.float32)
-    ramp = np.cos(angle) * t[None, :] + np.sin(angle) * t[:, None]  # (S, S), within [-0.71, 0.71]
+    ramp = float(np.cos(angle)) * t[None, :] + float(np.sin(angle)) * t[:, None]  # (S, S) float32
     ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1e-6)
     return start + ramp[..., None] * (end - start), start  # (S, S, 3)
 
@@ -191,14 +191,16 @@ def _shape_points(shape: str, bbox: list[int]) -> list[tuple[float, float]]:
 def _render(rng: np.random.Generator, objects: list[dict], size: int) -> Image.Image:
     """Draw the objects over a gradient, clutter and Gaussian pixel noise."""
     pixels, base = _background(rng, size)
-    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    image = Image.fromarray(pixels.astype(np.uint8))  # both ends are valid colours: no clipping needed
     draw = ImageDraw.Draw(image)
     _draw_clutter(rng, draw, size, base)
     for obj in objects:
         rgb = np.clip(np.array(COLOURS[obj["colour"]]) + rng.integers(-_JITTER, _JITTER + 1, 3), 0, 255)
         draw.polygon(_shape_points(obj["shape"], obj["bbox"]), fill=tuple(int(c) for c in rgb))
-    noise = rng.standard_normal((size, size, 3), dtype=np.float32) * rng.uniform(8.0, 15.0)
-    return Image.fromarray(np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8))
+    noisy = rng.standard_normal((size, size, 3), dtype=np.float32)  # (S, S, 3)
+    noisy *= rng.uniform(8.0, 15.0)
+    noisy += np.asarray(image)
+    return Image.fromarray(np.clip(noisy, 0, 255, out=noisy).astype(np.uint8))
 
 
 @dataclass(frozen=True)

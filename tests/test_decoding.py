@@ -1,0 +1,76 @@
+import torch
+
+from attncap.config import ModelConfig
+from attncap.decoding import beam_search, decode, greedy, sample
+from attncap.model import Captioner
+
+START, END = 1, 2
+
+
+def model_and_feats(seed=0, batch=5):
+    torch.manual_seed(seed)
+    model = Captioner(ModelConfig(embed_dim=8, proj_dim=8, attention_dim=8, hidden_dim=12, fc_dim=8),
+                      vocab_size=11, feature_dim=4).eval()
+    with torch.no_grad():
+        model.fc2.bias[END] += 1.0  # make captions end within a few words
+    return model, torch.randn(batch, 6, 4)
+
+
+def teacher_forced_logprob(model, feats, tokens, ended: bool) -> float:
+    seq = [START, *tokens] + ([END] if ended else [])
+    inputs = torch.tensor([seq[:-1]])
+    logp = model(feats[None], inputs).logits.log_softmax(-1)[0]
+    return float(sum(logp[t, w] for t, w in enumerate(seq[1:])))
+
+
+def test_beam_size_one_equals_greedy():
+    model, feats = model_and_feats()
+    g = greedy(model, feats, START, END, max_len=8)
+    b = beam_search(model, feats, START, END, beam_size=1, max_len=8)
+    assert [c.tokens for c in g] == [c[0].tokens for c in b]
+    for x, y in zip(g, b):
+        assert abs(x.score - y[0].score) < 1e-4
+        assert x.alphas.shape == y[0].alphas.shape == (len(x.tokens), 6)
+
+
+def test_beam_scores_are_true_log_probabilities_and_sorted():
+    model, feats = model_and_feats(seed=1)
+    results = beam_search(model, feats, START, END, beam_size=4, max_len=10, n_best=3)
+    for b, hyps in enumerate(results):
+        assert len(hyps) == 3
+        assert [h.normalised for h in hyps] == sorted((h.normalised for h in hyps), reverse=True)
+        assert len({tuple(h.tokens) for h in hyps}) == 3  # distinct hypotheses
+        for h in hyps:
+            ended = len(h.tokens) < 10
+            assert abs(h.score - teacher_forced_logprob(model, feats[b], h.tokens, ended)) < 1e-4
+            assert END not in h.tokens and START not in h.tokens
+
+
+def test_beam_is_at_least_as_likely_as_greedy_and_batching_changes_nothing():
+    model, feats = model_and_feats(seed=2, batch=6)
+    g = greedy(model, feats, START, END, max_len=10)
+    batched = beam_search(model, feats, START, END, beam_size=3, max_len=10)
+    for i in range(6):
+        alone = beam_search(model, feats[i:i + 1], START, END, beam_size=3, max_len=10)[0][0]
+        assert alone.tokens == batched[i][0].tokens
+        assert abs(alone.score - batched[i][0].score) < 1e-4
+        assert batched[i][0].score >= g[i].score - 1e-4
+
+
+def test_length_penalty_prefers_longer_captions():
+    model, feats = model_and_feats(seed=3, batch=8)
+    raw = decode(model, feats, START, END, beam_size=4, max_len=12, length_penalty=0.0)
+    norm = decode(model, feats, START, END, beam_size=4, max_len=12, length_penalty=2.0)
+    assert sum(len(c.tokens) for c in norm) >= sum(len(c.tokens) for c in raw)
+
+
+def test_sampling_top_k_one_is_greedy_and_seeded_sampling_repeats():
+    model, feats = model_and_feats(seed=4)
+    g = greedy(model, feats, START, END, max_len=8)
+    s = sample(model, feats, START, END, max_len=8, top_k=1)
+    assert [c.tokens for c in g] == [c.tokens for c in s]
+    a = sample(model, feats, START, END, 8, temperature=1.5, generator=torch.Generator().manual_seed(7))
+    b = sample(model, feats, START, END, 8, temperature=1.5, generator=torch.Generator().manual_seed(7))
+    assert [c.tokens for c in a] == [c.tokens for c in b]
+    for c in a:
+        assert c.alphas.shape == (len(c.tokens), 6)

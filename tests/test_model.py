@@ -1,0 +1,93 @@
+import pytest
+import torch
+from torch import nn
+
+from attncap.config import ModelConfig
+from attncap.errors import AttncapError
+from attncap.model import Captioner, caption_loss
+
+SMALL = dict(embed_dim=8, proj_dim=12, attention_dim=10, hidden_dim=16, fc_dim=9)
+
+
+def make(decoder="gru", **kw) -> Captioner:
+    torch.manual_seed(0)
+    return Captioner(ModelConfig(decoder=decoder, **SMALL, **kw), vocab_size=20, feature_dim=6)
+
+
+def test_gru_cell_matches_torch_gru_cell():
+    model = make("gru")
+    H = model.cfg.hidden_dim
+    ref = nn.GRUCell(model.cfg.embed_dim + model.cfg.proj_dim, H)
+    with torch.no_grad():  # our input weight is [word | context] split in two Linear layers
+        ref.weight_ih.copy_(torch.cat([model.word_gates.weight, model.context_gates.weight], 1))
+        ref.bias_ih.copy_(model.word_gates.bias)
+        ref.weight_hh.copy_(model.hidden_gates.weight)
+        ref.bias_hh.copy_(model.hidden_gates.bias)
+    memory = model.encode(torch.randn(3, 5, 6))
+    state = model.init_state(memory)._replace(h=torch.randn(3, H))
+    emb = torch.randn(3, model.cfg.embed_dim)
+    new, alpha = model.cell(memory, state, model.word_gates(emb))
+    context = torch.bmm(alpha.unsqueeze(1), memory.regions).squeeze(1)
+    expected = ref(torch.cat([emb, context], 1), state.h)
+    torch.testing.assert_close(new.h, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_lstm_cell_matches_torch_lstm_cell():
+    model = make("lstm", init_from_features=True)
+    H = model.cfg.hidden_dim
+    ref = nn.LSTMCell(model.cfg.embed_dim + model.cfg.proj_dim, H)
+    with torch.no_grad():
+        ref.weight_ih.copy_(torch.cat([model.word_gates.weight, model.context_gates.weight], 1))
+        ref.bias_ih.copy_(model.word_gates.bias)
+        ref.weight_hh.copy_(model.hidden_gates.weight)
+        ref.bias_hh.copy_(model.hidden_gates.bias)
+    memory = model.encode(torch.randn(2, 4, 6))
+    state = model.init_state(memory)
+    assert state.c.shape == (2, H) and state.h.abs().sum() > 0  # initialised from the mean region
+    emb = torch.randn(2, model.cfg.embed_dim)
+    new, alpha = model.cell(memory, state, model.word_gates(emb))
+    context = torch.bmm(alpha.unsqueeze(1), memory.regions).squeeze(1)
+    h, c = ref(torch.cat([emb, context], 1), (state.h, state.c))
+    torch.testing.assert_close(new.h, h, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(new.c, c, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decoder,extra", [("gru", {}), ("lstm", dict(init_from_features=True, gate=True,
+                                                                        dropout=0.5, alpha_c=1.0))])
+def test_forward_shapes_attention_and_step_agree(decoder, extra):
+    model = make(decoder, **extra).eval()
+    feats = torch.randn(3, 7, 6)
+    inputs = torch.randint(1, 20, (3, 5))
+    out = model(feats, inputs)
+    assert out.logits.shape == (3, 5, 20) and out.alphas.shape == (3, 5, 7)
+    torch.testing.assert_close(out.alphas.sum(-1), torch.ones(3, 5))
+    # Teacher forcing and the decoding step are the same computation.
+    memory = model.encode(feats)
+    state = model.init_state(memory)
+    for t in range(5):
+        logp, alpha, state = model.step(memory, state, inputs[:, t])
+        torch.testing.assert_close(logp, out.logits[:, t].log_softmax(-1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alpha, out.alphas[:, t], atol=1e-6, rtol=1e-5)
+
+
+def test_loss_ignores_padding_and_regularises_attention():
+    model = make("gru")
+    feats, inputs = torch.randn(2, 4, 6), torch.randint(1, 20, (2, 6))
+    targets = torch.randint(1, 20, (2, 6))
+    targets[1, 3:] = 0
+    out = model(feats, inputs)
+    loss, ntok = caption_loss(out, targets)
+    assert int(ntok) == 9
+    tampered = out._replace(logits=out.logits.clone())
+    tampered.logits[1, 3:] += 100.0  # scores at padded positions must not matter
+    assert torch.allclose(caption_loss(tampered, targets)[0], loss)
+    reg, _ = caption_loss(out, targets, alpha_c=1.0)
+    assert float(reg.detach()) > float(loss.detach())
+    reg.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters()
+               if p.requires_grad and not n.startswith(("init_", "beta")))
+
+
+def test_unknown_decoder_is_a_clear_error():
+    with pytest.raises(AttncapError, match="model.decoder"):
+        Captioner(ModelConfig(decoder="transformer"), 10, 4)
