@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args):
-    from .pipeline import run_config
+    from .pipeline import demo_config, run_config
 
     pairs = list(args.set)
     for name, key in FLAG_KEYS.items():
@@ -88,7 +88,8 @@ def _config(args):
             pairs.append(f"{key}={value}")
     if getattr(args, "no_pretrained", False):
         pairs.append("encoder.pretrained=false")
-    return run_config(args.run, args.config, parse_overrides(pairs))
+    load = demo_config if args.command == "demo" else run_config
+    return load(args.run, args.config, parse_overrides(pairs))
 
 
 def _print_scores(scores: dict, run: str) -> None:

@@ -32,7 +32,7 @@ def load_coco_captions(captions_json: str | Path, images_dir: str | Path) -> dic
     for img in data["images"]:
         if "id" not in img or "file_name" not in img:
             raise AttncapError(f"captions JSON {captions_json}: an entry of 'images' lacks 'id' or 'file_name'")
-        images[img["id"]] = {"file": str(Path(images_dir) / img["file_name"]), "captions": []}
+        images[img["id"]] = {"file": str(Path(images_dir).resolve() / img["file_name"]), "captions": []}
     for ann in data["annotations"]:
         if ann.get("image_id") in images and tokenize(str(ann.get("caption", ""))):
             images[ann["image_id"]]["captions"].append(str(ann["caption"]).strip())

@@ -120,10 +120,10 @@ def train_one_epoch(model, split: CaptionSplit, plan, optimizer, scheduler, cfg:
 @torch.inference_mode()
 def evaluate(model: Captioner, split: CaptionSplit, vocab: Vocab, cfg: RunConfig, device
              ) -> dict[str, float]:
-    """Validation loss over every caption and greedy-decoding CIDEr over every image."""
+    """Validation loss (one fixed caption per image) and greedy-decoding CIDEr over every image."""
     model.eval()
     total, tokens = 0.0, 0
-    for pairs in split.epoch_plan(0, cfg.train.seed, cfg.decode.eval_batch_size, 0):
+    for pairs in split.epoch_plan(0, cfg.train.seed, cfg.decode.eval_batch_size, 1):
         batch = split.batch(pairs).to(device)
         loss, ntok = caption_loss(model(batch.features, batch.inputs), batch.targets)
         total += float(loss) * int(ntok)
@@ -179,6 +179,7 @@ def train(run_dir: str | Path, cfg: RunConfig, resume: bool = True, progress: bo
     state = TrainState()
     if resume and (latest / "state.pt").is_file():
         state = _restore(latest, model, optimizer, scheduler)
+        state.stopped = ""  # a time budget applies per invocation; patience is checked below
     log = MetricsLog(run_dir / "train", state.step)
     try:
         _run_epochs(model, train_split, val_split, vocab, optimizer, scheduler, cfg, state, log,
@@ -191,6 +192,9 @@ def train(run_dir: str | Path, cfg: RunConfig, resume: bool = True, progress: bo
 def _run_epochs(model, train_split, val_split, vocab, optimizer, scheduler, cfg, state, log,
                 run_dir, encoder_info, device, progress) -> None:
     while state.epoch < cfg.train.epochs and not state.stopped:
+        if state.stale_epochs >= cfg.train.patience:
+            state.stopped = f"no better val CIDEr for {state.stale_epochs} epochs"
+            break
         started = time.time()
         plan = train_split.epoch_plan(state.epoch, cfg.train.seed, cfg.train.batch_size,
                                       cfg.train.captions_per_image)

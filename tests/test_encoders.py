@@ -1,0 +1,47 @@
+import pytest
+import torch
+from PIL import Image
+
+from attncap.encoders import ColourStats, build_encoder
+from attncap.errors import AttncapError
+
+
+def test_inception_without_cached_weights_says_which_file_where(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(AttncapError) as err:
+        build_encoder("inception_v3", pretrained=True, allow_download=False)
+    msg = str(err.value)
+    assert "inception_v3_google" in msg and str(tmp_path / "hub" / "checkpoints") in msg
+    assert "--no-pretrained" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("name,size,grid,dim", [("inception_v3", 299, 8, 2048), ("resnet101", 224, 7, 2048),
+                                                ("small_cnn", 128, 8, 256)])
+def test_random_init_encoders_have_their_grid_and_are_reproducible(name, size, grid, dim):
+    a = build_encoder(name, pretrained=False)
+    b = build_encoder(name, pretrained=False)
+    pixels = a.preprocess(Image.new("RGB", (50, 80), (10, 200, 30))).unsqueeze(0)
+    assert pixels.shape == (1, 3, size, size) and pixels.dtype == torch.uint8
+    a.eval(), b.eval()
+    with torch.inference_mode():
+        out = a(pixels)
+        assert out.shape == (1, grid * grid, dim)
+        torch.testing.assert_close(out, b(pixels))  # seeded: same weights when rebuilt
+
+
+def test_unknown_encoder_and_precision():
+    with pytest.raises(AttncapError, match="choose one of"):
+        build_encoder("vgg")
+    with pytest.raises(AttncapError, match="precision"):
+        build_encoder("efficientnet_lite0", precision="fp8")
+
+
+def test_colour_histogram_finds_the_red_quarter():
+    image = Image.new("RGB", (224, 224), (128, 128, 128))
+    image.paste((230, 20, 20), (0, 0, 112, 112))  # top-left quarter is saturated red
+    enc = build_encoder("efficientnet_lite0", colour_stats=True)
+    assert isinstance(enc, ColourStats) and enc.spec.dim == 1289
+    hist = enc.histogram(enc.preprocess(image).unsqueeze(0), 2)[0] / ColourStats.SCALE  # (9, 2, 2)
+    torch.testing.assert_close(hist.sum(0), torch.ones(2, 2))
+    assert hist[8, 1, 1] == 1.0 and hist[8, 0, 0] == 0.0  # grey cell: all unsaturated
+    assert hist[:8, 0, 0].max() == 1.0  # red cell: one hue bin holds every pixel

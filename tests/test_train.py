@@ -1,0 +1,74 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attncap.checkpoint import load_model, load_state
+from attncap.errors import AttncapError
+from attncap.train import train
+from conftest import tiny_config
+
+
+def weights(run, name="latest"):
+    return load_file(str(run / "checkpoints" / name / "model.safetensors"))
+
+
+def test_training_learns_logs_and_checkpoints(run_copy):
+    cfg = tiny_config(train={"epochs": 3})
+    state = train(run_copy, cfg, progress=False)
+    assert state.epoch == 3 and state.step > 0
+    records = [json.loads(l) for l in (run_copy / "train" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "epoch" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert all({"val_loss", "val_CIDEr", "lr"} <= r.keys() for r in epochs)
+    assert any((run_copy / "train" / "tb").glob("events.out.tfevents.*"))
+    saved = load_state(run_copy / "checkpoints" / "latest")
+    assert json.loads(saved["train_state"])["epoch"] == 3
+    assert (run_copy / "checkpoints" / "best" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("decoder", ["gru", "lstm"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(prepared_run, tmp_path, decoder):
+    import shutil
+
+    model_cfg = {"decoder": decoder}
+    if decoder == "lstm":
+        model_cfg.update(init_from_features=True, gate=True, dropout=0.3, alpha_c=1.0)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for d in (straight, split):
+        shutil.copytree(prepared_run, d)
+    train(straight, tiny_config(train={"epochs": 3}, model=model_cfg), progress=False)
+    train(split, tiny_config(train={"epochs": 3, "max_minutes": 1e-9}, model=model_cfg), progress=False)
+    assert json.loads(load_state(split / "checkpoints" / "latest")["train_state"])["epoch"] == 1
+    state = train(split, tiny_config(train={"epochs": 3}, model=model_cfg), progress=False)
+    assert state.epoch == 3
+    a, b = weights(straight), weights(split)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    logged = lambda run: [json.loads(l) for l in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "time_s"} for r in rs]
+    assert strip(logged(straight)) == strip(logged(split))
+
+
+def test_checkpoint_round_trip_and_corruption(run_copy):
+    train(run_copy, tiny_config(train={"epochs": 1}), progress=False)
+    ckpt = run_copy / "checkpoints" / "best"
+    model, vocab, cfg, encoder = load_model(ckpt)
+    again, _, _, _ = load_model(ckpt)
+    feats = torch.randn(2, 49, encoder["dim"])
+    inputs = torch.randint(1, len(vocab), (2, 6))
+    torch.testing.assert_close(model(feats, inputs).logits, again(feats, inputs).logits, atol=1e-6, rtol=0)
+    assert cfg.model.hidden_dim == 48 and encoder["name"] == "efficientnet_lite0"
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AttncapError, match="model.safetensors"):
+        load_model(ckpt)
+    (ckpt / "config.json").write_text('{"run": {}}')
+    with pytest.raises(AttncapError, match="config.json"):
+        load_model(ckpt)
+    (run_copy / "checkpoints" / "latest" / "state.pt").write_bytes(b"not a torch file")
+    with pytest.raises(AttncapError, match="state.pt"):
+        load_state(run_copy / "checkpoints" / "latest")
