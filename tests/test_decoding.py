@@ -16,6 +16,7 @@ def model_and_feats(seed=0, batch=5):
     return model, torch.randn(batch, 6, 4)
 
 
+@torch.no_grad()
 def teacher_forced_logprob(model, feats, tokens, ended: bool) -> float:
     seq = [START, *tokens] + ([END] if ended else [])
     inputs = torch.tensor([seq[:-1]])

@@ -37,7 +37,7 @@ class Predictor:
             info["name"], info["pretrained"], info["colour_stats"], precision=info["precision"]
         ).to(self.device)
         self.image_size = info["image_size"]
-        self._preprocess = (self.model.encoder or self.encoder).preprocess
+        self._preprocess = (self.encoder if self.encoder is not None else self.model.encoder).preprocess
 
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str = "best") -> "Predictor":
