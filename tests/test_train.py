@@ -1,11 +1,16 @@
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from attncap.checkpoint import load_model, load_state
+from attncap.encoders import build_encoder
 from attncap.errors import AttncapError
+from attncap.images import load_image
+from attncap.pipeline import features_stage
+from attncap.predict import Predictor
 from attncap.train import train
 from conftest import tiny_config
 
@@ -31,8 +36,6 @@ def test_training_learns_logs_and_checkpoints(run_copy):
 
 @pytest.mark.parametrize("decoder", ["gru", "lstm"])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(prepared_run, tmp_path, decoder):
-    import shutil
-
     model_cfg = {"decoder": decoder}
     if decoder == "lstm":
         model_cfg.update(init_from_features=True, gate=True, dropout=0.3, alpha_c=1.0)
@@ -72,3 +75,20 @@ def test_checkpoint_round_trip_and_corruption(run_copy):
     (run_copy / "checkpoints" / "latest" / "state.pt").write_bytes(b"not a torch file")
     with pytest.raises(AttncapError, match="state.pt"):
         load_state(run_copy / "checkpoints" / "latest")
+
+
+def test_small_cnn_trains_end_to_end_and_captions(prepared_run, tmp_path):
+    run = tmp_path / "cnn"
+    shutil.copytree(prepared_run / "data", run / "data")
+    cfg = tiny_config(encoder={"name": "small_cnn"}, train={"epochs": 2})
+    features_stage(run, cfg, progress=False)
+    assert (run / "features" / "train.npy").stat().st_size > 48 * 3 * 128 * 128  # pixels, not features
+    train(run, cfg, progress=False)
+    first = weights(run)["encoder.body.0.weight"]
+    init = build_encoder("small_cnn").body[0].weight.detach()  # seeded: the model's starting point
+    assert not torch.allclose(first, init)  # the CNN was trained with the decoder
+    predictor = Predictor.from_run(run)
+    image = load_image(json.loads((run / "data" / "test.json").read_text())["images"][0]["file"])
+    preds = predictor.caption([image], beam_size=2, n_best=2)[0]
+    assert len(preds) == 2 and preds[0].score >= preds[1].score
+    assert preds[0].attention.shape == (len(preds[0].words), 8, 8)

@@ -95,7 +95,7 @@ def _config(args):
 def _print_scores(scores: dict, run: str) -> None:
     print("\nTest scores:")
     for key, value in scores.items():
-        print(f"  {key:<22} {value:.4f}")
+        print(f"  {key:<22} {value}" if isinstance(value, int) else f"  {key:<22} {value:.4f}")
     print(f"\nscores: {Path(run) / 'eval' / 'scores.json'}")
     print(f"report: {Path(run) / 'eval' / 'report' / 'index.html'}")
 

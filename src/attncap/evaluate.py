@@ -81,7 +81,7 @@ def evaluate_run(run_dir: str | Path, decode_cfg: DecodeConfig | None = None, sp
         {i: d["caption"] for i, d in decoded.items()}), indent=None)
     write_json(out / f"captions_{split}.json", {str(i): {"caption": d["caption"], "words": d["words"],
                "attention": np.round(d["attention"], 4).tolist()} for i, d in decoded.items()}, indent=None)
-    summary = {k: round(float(v), 4) for k, v in scores.items() if isinstance(v, (int, float))}
+    summary = {k: v if isinstance(v, int) else round(float(v), 4) for k, v in scores.items()}
     write_json(out / "scores.json", summary)
     write_json(out / f"scores_{split}_beam{decode_cfg.beam_size}.json",
                {**summary, "decode": decode_cfg.__dict__, "split": split, "images": len(decoded),

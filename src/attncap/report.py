@@ -284,7 +284,9 @@ def _href(link, what: str) -> str:
 
 
 def _score_text(value) -> str:
-    """A score to 3 decimals; anything that is not a number as its text."""
+    """A score to 3 decimals, a count as an integer; anything that is not a number as its text."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     return f"{value:.3f}" if _is_number(value) else str(value)
 
 

@@ -179,7 +179,6 @@ def train(run_dir: str | Path, cfg: RunConfig, resume: bool = True, progress: bo
     state = TrainState()
     if resume and (latest / "state.pt").is_file():
         state = _restore(latest, model, optimizer, scheduler)
-        state.stopped = ""  # a time budget applies per invocation; patience is checked below
     log = MetricsLog(run_dir / "train", state.step)
     try:
         _run_epochs(model, train_split, val_split, vocab, optimizer, scheduler, cfg, state, log,
@@ -191,9 +190,9 @@ def train(run_dir: str | Path, cfg: RunConfig, resume: bool = True, progress: bo
 
 def _run_epochs(model, train_split, val_split, vocab, optimizer, scheduler, cfg, state, log,
                 run_dir, encoder_info, device, progress) -> None:
-    while state.epoch < cfg.train.epochs and not state.stopped:
-        if state.stale_epochs >= cfg.train.patience:
-            state.stopped = f"no better val CIDEr for {state.stale_epochs} epochs"
+    while state.epoch < cfg.train.epochs:
+        state.stopped = _stop_reason(cfg, state)
+        if state.stopped:
             break
         started = time.time()
         plan = train_split.epoch_plan(state.epoch, cfg.train.seed, cfg.train.batch_size,
@@ -208,10 +207,7 @@ def _run_epochs(model, train_split, val_split, vocab, optimizer, scheduler, cfg,
             state.best_score, state.best_epoch, state.stale_epochs = scores["val_CIDEr"], state.epoch, 0
         else:
             state.stale_epochs += 1
-        if state.stale_epochs >= cfg.train.patience:
-            state.stopped = f"no better val CIDEr for {state.stale_epochs} epochs"
-        elif cfg.train.max_minutes and state.seconds >= 60 * cfg.train.max_minutes:
-            state.stopped = f"time budget of {cfg.train.max_minutes} min reached"
+        state.stopped = _stop_reason(cfg, state) if state.epoch < cfg.train.epochs else ""
         record = {"epoch": state.epoch, "step": state.step, "train_loss": round(train_loss, 5),
                   "val_loss": round(scores["val_loss"], 5), "val_CIDEr": round(scores["val_CIDEr"], 5),
                   "lr": scheduler.get_last_lr()[0], "time_s": round(state.seconds, 1)}
@@ -220,6 +216,15 @@ def _run_epochs(model, train_split, val_split, vocab, optimizer, scheduler, cfg,
             print(f"epoch {state.epoch}: train loss {train_loss:.3f}  val loss {scores['val_loss']:.3f}  "
                   f"val CIDEr {scores['val_CIDEr']:.3f}  ({time.time() - started:.0f} s)", flush=True)
         _checkpoint(run_dir, model, vocab, cfg, encoder_info, optimizer, scheduler, state, improved)
+
+
+def _stop_reason(cfg: RunConfig, state: TrainState) -> str:
+    """Why training should not start another epoch (early stopping, time budget), or ""."""
+    if state.stale_epochs >= cfg.train.patience:
+        return f"no better val CIDEr for {state.stale_epochs} epochs (train.patience)"
+    if cfg.train.max_minutes and state.seconds >= 60 * cfg.train.max_minutes:
+        return f"time budget of {cfg.train.max_minutes} min reached (train.max_minutes)"
+    return ""
 
 
 def _checkpoint(run_dir, model, vocab, cfg, encoder_info, optimizer, scheduler, state, improved):
