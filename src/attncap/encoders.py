@@ -262,7 +262,7 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
 
 
 def build_encoder(name: str, pretrained: bool = True, colour_stats: bool = False,
-                  allow_download: bool = True, precision: str = "fp32") -> Encoder:
+                  allow_download: bool = True, precision: str = "fp32", device: str = "cpu") -> Encoder:
     """Build an encoder by name (see :data:`ENCODERS`); frozen ones in eval mode, channels-last.
 
     Random (``pretrained=False``) weights are seeded, so the same encoder can be rebuilt to
@@ -277,5 +277,5 @@ def build_encoder(name: str, pretrained: bool = True, colour_stats: bool = False
         encoder = ColourStats(encoder)
     if not encoder.spec.trainable:
         encoder.eval().requires_grad_(False).to(memory_format=torch.channels_last)
-        encoder.precision = resolve_precision(precision)
-    return encoder
+        encoder.precision = resolve_precision(precision, device)
+    return encoder.to(device)

@@ -10,6 +10,8 @@ import dataclasses
 import time
 from pathlib import Path
 
+import torch
+
 from . import config as config_lib
 from .config import RunConfig
 from .data.shapes import generate_shapes_world
@@ -65,7 +67,8 @@ def features_stage(run_dir: str | Path, cfg: RunConfig, progress: bool = True,
     run_dir = Path(run_dir)
     save_run_config(run_dir, cfg)
     e = cfg.encoder
-    encoder = build_encoder(e.name, e.pretrained, e.colour_stats, allow_download, e.precision)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder = build_encoder(e.name, e.pretrained, e.colour_stats, allow_download, e.precision, device)
     for split in SPLITS:
         items = [ImageItem(r["id"], r["file"]) for r in load_split(run_dir / "data", split)]
         extract_features(encoder, items, run_dir / "features", split, e.pretrained, e.batch_size,

@@ -34,8 +34,8 @@ class Predictor:
         self.model, self.vocab, self.cfg, info = load_model(checkpoint, self.device)
         # A trainable encoder is part of the model; a frozen one is rebuilt exactly as for the store.
         self.encoder = None if info["trainable"] else build_encoder(
-            info["name"], info["pretrained"], info["colour_stats"], precision=info["precision"]
-        ).to(self.device)
+            info["name"], info["pretrained"], info["colour_stats"], precision=info["precision"],
+            device=self.device.type)
         self.image_size = info["image_size"]
         self._preprocess = (self.encoder if self.encoder is not None else self.model.encoder).preprocess
 
