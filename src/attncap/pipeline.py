@@ -25,10 +25,10 @@ from .train import TrainState, train
 
 
 def run_config(run_dir: str | Path, config_file: str | None = None,
-               overrides: dict[str, dict] | None = None) -> RunConfig:
-    """Defaults < the run's saved config < a config file < command-line overrides."""
+               overrides: dict[str, dict] | None = None, base: RunConfig | None = None) -> RunConfig:
+    """``base`` (defaults) < the run's saved config < a config file < command-line overrides."""
     saved = Path(run_dir) / "config.json"
-    cfg = RunConfig()
+    cfg = base or RunConfig()
     if saved.is_file():
         cfg = config_lib.from_dict(read_json(saved, "run config"), source=str(saved))
     if config_file:
@@ -50,7 +50,7 @@ def prepare_stage(run_dir: str | Path, cfg: RunConfig, progress: bool = True) ->
                                       d.test_images, d.shapes_image_size, d.seed, progress=progress)
         data_cfg = dataclasses.replace(d, splits=str(world.splits_json))
         vocab = prepare(data_cfg, world.captions_json, world.images_dir, run_dir / "data",
-                        extra={"objects": str(world.objects_json)})
+                        extra={"objects": str(world.objects_json.resolve())})
     elif d.dataset == "coco":
         if not d.captions or not d.images:
             raise AttncapError("data.captions and data.images must be set for dataset 'coco' "
@@ -97,14 +97,9 @@ DEMO_PRESET = {
 
 def demo_config(run_dir: str | Path, config_file: str | None = None,
                 overrides: dict[str, dict] | None = None) -> RunConfig:
-    """The demo's config: defaults < DEMO_PRESET < saved run config < config file < overrides."""
-    saved = Path(run_dir) / "config.json"
-    if saved.is_file():
-        return run_config(run_dir, config_file, overrides)
-    cfg = config_lib.merge(RunConfig(), DEMO_PRESET, source="demo preset")
-    if config_file:
-        cfg = config_lib.load(config_file, cfg)
-    return config_lib.merge(cfg, overrides or {}, source="command line", from_text=True)
+    """The demo's config: :func:`run_config` with DEMO_PRESET on top of the defaults."""
+    preset = config_lib.merge(RunConfig(), DEMO_PRESET, source="demo preset")
+    return run_config(run_dir, config_file, overrides, base=preset)
 
 
 def demo(run_dir: str | Path, cfg: RunConfig, progress: bool = True) -> dict[str, float]:
