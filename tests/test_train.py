@@ -92,3 +92,12 @@ def test_small_cnn_trains_end_to_end_and_captions(prepared_run, tmp_path):
     preds = predictor.caption([image], beam_size=2, n_best=2)[0]
     assert len(preds) == 2 and preds[0].score >= preds[1].score
     assert preds[0].attention.shape == (len(preds[0].words), 8, 8)
+
+
+def test_resuming_with_another_model_is_a_clear_error(run_copy):
+    train(run_copy, tiny_config(train={"epochs": 1}), progress=False)
+    with pytest.raises(AttncapError, match="--no-resume"):
+        train(run_copy, tiny_config(train={"epochs": 2}, model={"hidden_dim": 40}), progress=False)
+    state = train(run_copy, tiny_config(train={"epochs": 1}, model={"hidden_dim": 40}), resume=False,
+                  progress=False)
+    assert state.epoch == 1

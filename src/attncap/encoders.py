@@ -32,6 +32,13 @@ class EncoderSpec:
     trainable: bool   # True: trained with the decoder (store holds pixels)
 
 
+def to_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """PIL RGB image -> uint8 tensor (3, size, size), squashed to a square like the seed does."""
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (3, S, S)
+
+
 class Encoder(nn.Module):
     """Base class: ``forward(uint8 (B,3,S,S)) -> (B, R, D)``.
 
@@ -48,12 +55,8 @@ class Encoder(nn.Module):
         self.precision = "fp32"
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """PIL RGB image -> uint8 tensor (3, S, S), squashed to the encoder's square input like the seed."""
-        size = self.spec.image_size
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
-        array = np.asarray(image, dtype=np.uint8)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, S, S)
+        """PIL RGB image -> uint8 tensor (3, S, S) for this encoder (see :func:`to_pixels`)."""
+        return to_pixels(image, self.spec.image_size)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -215,7 +218,7 @@ class ColourStats(Encoder):
     """
 
     BINS = 9
-    SCALE = 4.0  # brings shares in [0, 1] to the range of ReLU6-style CNN activations
+    SCALE = 8.0  # brings shares in [0, 1] above the range of ReLU6-style CNN activations
 
     def __init__(self, inner: Encoder):
         spec = inner.spec

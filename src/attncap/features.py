@@ -14,6 +14,8 @@ so an interrupted run resumes where it stopped. Only a finished store gets its f
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .encoders import Encoder
+from .encoders import Encoder, to_pixels
 from .errors import AttncapError
 from .files import read_json, write_json
 from .images import load_image
@@ -40,20 +42,18 @@ class ImageItem:
 
 
 class _ImageFiles(Dataset):
-    """Decodes and resizes one image per item; a bad file yields its reason instead of pixels."""
+    """Decodes and resizes one image per item (in worker processes); a bad file yields its reason."""
 
-    def __init__(self, items: Sequence[ImageItem], encoder: Encoder, start: int):
-        self.items, self.encoder, self.start = items, encoder, start
+    def __init__(self, items: Sequence[ImageItem], size: int, start: int):
+        self.items, self.size, self.start = items, size, start
 
     def __len__(self) -> int:
         return len(self.items) - self.start
 
     def __getitem__(self, k: int):
-        row = self.start + k
-        size = self.encoder.spec.image_size
+        row, size = self.start + k, self.size
         try:
-            pixels = self.encoder.preprocess(load_image(self.items[row].path))
-            return row, pixels, ""
+            return row, to_pixels(load_image(self.items[row].path), size), ""
         except AttncapError as exc:
             return row, torch.zeros(3, size, size, dtype=torch.uint8), str(exc)
 
@@ -121,15 +121,23 @@ def _header_offset(path: Path) -> int:
         return f.tell()
 
 
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
 def _start_partial(path: Path, manifest_path: Path, key: dict, n: int, encoder: Encoder) -> dict:
-    """Return the partial manifest to continue, creating a fresh partial store if needed."""
+    """Return the partial manifest to continue, creating a fresh partial store if needed.
+
+    The partial manifest is rewritten after every batch, so it holds a digest of the key (encoder,
+    image list), not the key itself, which for COCO would be megabytes.
+    """
     if manifest_path.is_file() and path.is_file():
         state = read_json(manifest_path, "partial feature manifest")
-        if state.get("key") == key:
+        if state.get("key") == _digest(key):
             return state
     shape, dtype = _row_layout(encoder)
     np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, *shape))._mmap.close()
-    state = {"key": key, "done": 0, "failed": []}
+    state = {"key": _digest(key), "done": 0, "failed": []}
     write_json(manifest_path, state)
     return state
 
@@ -173,7 +181,7 @@ def _fill(encoder, items, path, state_path, state, batch_size, workers, progress
     shape, dtype = _row_layout(encoder)
     row_bytes = int(np.prod(shape)) * dtype.itemsize
     offset = _header_offset(path)
-    loader = DataLoader(_ImageFiles(items, encoder, state["done"]), batch_size=batch_size,
+    loader = DataLoader(_ImageFiles(items, encoder.spec.image_size, state["done"]), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate,
                         persistent_workers=False, prefetch_factor=4 if workers else None)
     bar = tqdm(total=len(items), initial=state["done"], unit="img", desc=f"features {split}",

@@ -149,7 +149,11 @@ def _build(cfg: RunConfig, vocab: Vocab, store: FeatureStore, device) -> Caption
 
 def _restore(ckpt: Path, model, optimizer, scheduler) -> TrainState:
     saved = load_state(ckpt)
-    resumed, _, _, _ = load_model(ckpt)
+    resumed, _, ckpt_cfg, _ = load_model(ckpt)
+    if ckpt_cfg.model != model.cfg or resumed.vocab_size != model.vocab_size \
+            or resumed.feature_dim != model.feature_dim:
+        raise AttncapError(f"checkpoint {ckpt} was trained with another model, vocabulary or encoder; "
+                           "pass --no-resume to start over, or use a new --run directory")
     model.load_state_dict(resumed.state_dict())
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
