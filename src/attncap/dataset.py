@@ -40,15 +40,14 @@ class Batch:
 class CaptionSplit:
     """One split's images (those with features) and their tokenized captions."""
 
-    def __init__(self, store: FeatureStore, records: list[dict], in_memory_limit: float = 4e9):
+    def __init__(self, store: FeatureStore, records: list[dict]):
         self.store = store
         usable = [r for r in records if r["id"] in store.row_of and r["id"] not in store.failed]
         self.image_ids = [r["id"] for r in usable]
         self.rows = np.array([store.row_of[i] for i in self.image_ids], dtype=np.int64)
         self.captions = [r["tokens"] for r in usable]
         self.records = usable
-        # Small stores are read into memory once; large ones stay memory-mapped.
-        self.array = np.asarray(store.array) if store.array.nbytes <= in_memory_limit else store.array
+        self.array = store.array  # memory-mapped: the page cache keeps what fits in RAM
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -136,7 +136,8 @@ def _start_partial(path: Path, manifest_path: Path, key: dict, n: int, encoder: 
         if state.get("key") == _digest(key):
             return state
     shape, dtype = _row_layout(encoder)
-    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, *shape))._mmap.close()
+    blank = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, *shape))  # sparse file
+    del blank  # only the header was needed; rows are written by _fill
     state = {"key": _digest(key), "done": 0, "failed": []}
     write_json(manifest_path, state)
     return state
