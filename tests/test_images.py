@@ -167,7 +167,7 @@ def test_decode_image_bytes():
 
 # --- failures -------------------------------------------------------------------------------
 
-def _one_line_error(path, reason: str, **kwargs) -> str:
+def _check_one_line_error(path, reason: str, **kwargs) -> str:
     with pytest.raises(AttncapError) as info:
         load_image(path, **kwargs)
     message = str(info.value)
@@ -178,34 +178,34 @@ def _one_line_error(path, reason: str, **kwargs) -> str:
 
 
 def test_missing_file(tmp_path):
-    _one_line_error(tmp_path / "photo.jpg", "file not found")
+    _check_one_line_error(tmp_path / "photo.jpg", "file not found")
 
 
 def test_directory(tmp_path):
     (tmp_path / "folder.jpg").mkdir()
-    _one_line_error(tmp_path / "folder.jpg", "is a directory")
+    _check_one_line_error(tmp_path / "folder.jpg", "is a directory")
 
 
 def test_text_file_named_jpg(tmp_path):
     (tmp_path / "notes.jpg").write_text("this is not a picture\nat all\n")
-    _one_line_error(tmp_path / "notes.jpg", "not an image (looks like a text file)")
+    _check_one_line_error(tmp_path / "notes.jpg", "not an image (looks like a text file)")
 
 
 def test_html_page_named_jpg(tmp_path):
     (tmp_path / "page.jpg").write_text("<!DOCTYPE html><html><body>404</body></html>")
-    _one_line_error(tmp_path / "page.jpg", "HTML page")
+    _check_one_line_error(tmp_path / "page.jpg", "HTML page")
 
 
 def test_empty_file(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
-    _one_line_error(tmp_path / "empty.png", "empty file")
+    _check_one_line_error(tmp_path / "empty.png", "empty file")
 
 
 def test_truncated_jpeg(tmp_path):
     _noise_jpeg(tmp_path / "full.jpg")
     data = (tmp_path / "full.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
-    _one_line_error(tmp_path / "cut.jpg", "truncated or corrupt image data")
+    _check_one_line_error(tmp_path / "cut.jpg", "truncated or corrupt image data")
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
@@ -214,7 +214,7 @@ def test_truncated_png(tmp_path):
     Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "full.png")
     data = (tmp_path / "full.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
-    _one_line_error(tmp_path / "cut.png", "truncated or corrupt image data")
+    _check_one_line_error(tmp_path / "cut.png", "truncated or corrupt image data")
 
 
 def test_bomb_header_rejected_before_decoding(tmp_path):
@@ -222,7 +222,7 @@ def test_bomb_header_rejected_before_decoding(tmp_path):
     path.write_bytes(_bomb_png(20000, 20000))
     assert path.stat().st_size < 200_000
     start = time.perf_counter()
-    message = _one_line_error(path, f"over the limit of {DEFAULT_MAX_PIXELS}")
+    message = _check_one_line_error(path, f"over the limit of {DEFAULT_MAX_PIXELS}")
     assert time.perf_counter() - start < 1.0
     assert "400000000" in message or "20000x20000" in message
     assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's own guard is left alone
@@ -233,7 +233,7 @@ def test_own_limit_checked_from_header(tmp_path):
     path.write_bytes(_bomb_png(10000, 10000))  # over Pillow's warning level, under its error level
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no DecompressionBombWarning may leak out
-        _one_line_error(path, "10000x10000 pixels is over the limit of 50000000")
+        _check_one_line_error(path, "10000x10000 pixels is over the limit of 50000000")
     Image.new("RGB", (300, 300)).save(tmp_path / "small.png")
-    _one_line_error(tmp_path / "small.png", "300x300 pixels is over the limit of 10000", max_pixels=10_000)
+    _check_one_line_error(tmp_path / "small.png", "300x300 pixels is over the limit of 10000", max_pixels=10_000)
     assert load_image(tmp_path / "small.png", max_pixels=90_000).size == (300, 300)

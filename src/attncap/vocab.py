@@ -41,24 +41,11 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.words)
 
-    @property
-    def pad(self) -> int:
-        return 0
-
-    @property
-    def start(self) -> int:
-        return 1
-
-    @property
-    def end(self) -> int:
-        return 2
-
-    @property
-    def unk(self) -> int:
-        return 3
+    # ids of the special tokens (their positions in SPECIALS); class attributes, not fields
+    pad, start, end, unk = range(len(SPECIALS))
 
     def id(self, word: str) -> int:
-        return self._index.get(word, 3)
+        return self._index.get(word, self.unk)
 
     def encode(self, text: str, max_words: int | None = None) -> list[int]:
         """Caption text -> ``[<start>, w1, ..., wn, <end>]`` ids (words beyond max_words dropped)."""
