@@ -104,7 +104,7 @@ class RunConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+SECTIONS: dict[str, type] = typing.get_type_hints(RunConfig)  # section name -> its dataclass
 
 
 def to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
@@ -133,13 +133,6 @@ def _coerce(section: str, key: str, value: Any, kind: type, from_text: bool) -> 
     return value
 
 
-def _section_class(name: str) -> type:
-    return {
-        "data": DataConfig, "encoder": EncoderConfig, "model": ModelConfig,
-        "train": TrainConfig, "decode": DecodeConfig,
-    }[name]
-
-
 def merge(cfg: RunConfig, updates: dict[str, dict[str, Any]], source: str = "config",
           from_text: bool = False) -> RunConfig:
     """Return ``cfg`` with ``{section: {key: value}}`` applied; unknown keys and wrong types raise.
@@ -153,7 +146,7 @@ def merge(cfg: RunConfig, updates: dict[str, dict[str, Any]], source: str = "con
             raise AttncapError(f"{source}: unknown section [{name}]; known: {', '.join(SECTIONS)}")
         if not isinstance(values, dict):
             raise AttncapError(f"{source}: [{name}] must be a table of settings")
-        klass = _section_class(name)
+        klass = SECTIONS[name]
         hints = typing.get_type_hints(klass)
         current = getattr(cfg, name)
         changes = {}

@@ -7,11 +7,13 @@ the CLI and the server all call these; there is no other decoding code.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .errors import AttncapError
 from .model import Captioner
@@ -23,6 +25,11 @@ class Caption:
     alphas: np.ndarray    # (len(tokens), R) attention weights of each word
     score: float          # total log-probability, <end> included when emitted
     normalised: float     # score / length**length_penalty (what beam search ranks by)
+
+    def attention_grid(self) -> np.ndarray:
+        """The attention maps as square grids: (len(tokens), g, g)."""
+        grid = math.isqrt(self.alphas.shape[-1])
+        return self.alphas.reshape(len(self.tokens), grid, grid)
 
 
 Chooser = Callable[[torch.Tensor], torch.Tensor]  # log-probs (B, V) -> next words (B,)
@@ -185,3 +192,23 @@ def decode(model: Captioner, features: torch.Tensor, start: int, end: int, beam_
         return greedy(model, features, start, end, max_len)
     return [c[0] for c in beam_search(model, features, start, end, beam_size, max_len,
                                       length_penalty, n_best=1)]
+
+
+def decode_split(model: Captioner, split, vocab, beam_size: int, max_len: int, length_penalty: float,
+                 batch_size: int, device, progress: bool = True) -> dict[int, dict]:
+    """Caption every image of a :class:`~attncap.dataset.CaptionSplit`.
+
+    Returns ``{image id: {"caption": str, "words": [str], "attention": (n_words, g, g)}}``.
+    """
+    out = {}
+    bar = tqdm(total=len(split), unit="img", desc=f"decode (beam {beam_size})",
+               disable=not progress, dynamic_ncols=True, leave=False)
+    for ids, feats in split.image_batches(batch_size):
+        caps = decode(model, feats.to(device), vocab.start, vocab.end, beam_size, max_len, length_penalty)
+        for image_id, cap in zip(ids, caps):
+            words = vocab.decode(cap.tokens)
+            out[image_id] = {"caption": " ".join(words), "words": words,
+                             "attention": cap.attention_grid()}
+        bar.update(len(ids))
+    bar.close()
+    return out

@@ -8,43 +8,22 @@ official tools), ``captions_{split}.json`` (captions with their words and attent
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import metrics, report
 from .checkpoint import load_model
 from .config import DecodeConfig
 from .data.shapes import load_objects
 from .dataset import CaptionSplit
-from .decoding import decode
+from .decoding import decode_split
 from .features import FeatureStore
 from .files import atomic_path, read_json, write_json
 from .images import load_image
 from .prepare import load_split, references
-
-
-def decode_split(model, split: CaptionSplit, vocab, cfg: DecodeConfig, device, progress: bool = True
-                 ) -> dict[int, dict]:
-    """Caption every image of ``split``: ``{id: {"caption", "words", "attention" (n, g, g)}}``."""
-    out = {}
-    bar = tqdm(total=len(split), unit="img", desc=f"decode (beam {cfg.beam_size})",
-               disable=not progress, dynamic_ncols=True)
-    for ids, feats in split.image_batches(cfg.eval_batch_size):
-        caps = decode(model, feats.to(device), vocab.start, vocab.end, cfg.beam_size, cfg.max_len,
-                      cfg.length_penalty)
-        for image_id, cap in zip(ids, caps):
-            words = vocab.decode(cap.tokens)
-            grid = math.isqrt(cap.alphas.shape[-1])
-            out[image_id] = {"caption": " ".join(words), "words": words,
-                             "attention": cap.alphas.reshape(len(cap.tokens), grid, grid)}
-        bar.update(len(ids))
-    bar.close()
-    return out
 
 
 def score_split(decoded: dict[int, dict], records: list[dict], objects_file: str | None
@@ -72,7 +51,9 @@ def evaluate_run(run_dir: str | Path, decode_cfg: DecodeConfig | None = None, sp
     records = load_split(run_dir / "data", split)
     data = CaptionSplit(FeatureStore.open(run_dir / "features", split), records)
     started = time.time()
-    decoded = decode_split(model, data, vocab, decode_cfg, device, progress)
+    d = decode_cfg
+    decoded = decode_split(model, data, vocab, d.beam_size, d.max_len, d.length_penalty,
+                           d.eval_batch_size, device, progress)
     seconds = time.time() - started
     manifest = read_json(run_dir / "data" / "manifest.json", "data manifest")
     scores = score_split(decoded, data.records, manifest.get("objects"))

@@ -5,7 +5,6 @@ The CLI's ``caption`` command uses it, and so will the server.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +58,6 @@ class Predictor:
             preds = []
             for h in hyps:
                 words = self.vocab.decode(h.tokens)
-                grid = math.isqrt(h.alphas.shape[-1])
-                preds.append(Prediction(" ".join(words), words,
-                                        h.alphas.reshape(len(h.tokens), grid, grid), h.score))
+                preds.append(Prediction(" ".join(words), words, h.attention_grid(), h.score))
             out.append(preds)
         return out

@@ -23,7 +23,7 @@ from . import metrics
 from .checkpoint import load_model, load_state, save_checkpoint
 from .config import RunConfig
 from .dataset import CaptionSplit
-from .decoding import greedy
+from .decoding import decode_split
 from .encoders import build_encoder
 from .errors import AttncapError
 from .features import FeatureStore
@@ -128,11 +128,10 @@ def evaluate(model: Captioner, split: CaptionSplit, vocab: Vocab, cfg: RunConfig
         loss, ntok = caption_loss(model(batch.features, batch.inputs), batch.targets)
         total += float(loss) * int(ntok)
         tokens += int(ntok)
-    candidates = {}
-    for ids, feats in split.image_batches(cfg.decode.eval_batch_size):
-        for image_id, cap in zip(ids, greedy(model, feats.to(device), vocab.start, vocab.end,
-                                             cfg.decode.max_len)):
-            candidates[image_id] = " ".join(vocab.decode(cap.tokens))
+    d = cfg.decode
+    decoded = decode_split(model, split, vocab, 1, d.max_len, 0.0, d.eval_batch_size, device,
+                           progress=False)
+    candidates = {image_id: x["caption"] for image_id, x in decoded.items()}
     refs = references(split.records)
     return {"val_loss": total / max(1, tokens), "val_CIDEr": metrics.cider(refs, candidates)}
 
