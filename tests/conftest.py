@@ -44,3 +44,14 @@ def run_copy(prepared_run, tmp_path) -> Path:
     dst = tmp_path / "run"
     shutil.copytree(prepared_run, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def trained_run(prepared_run, tmp_path_factory) -> Path:
+    """The tiny run trained for 2 epochs (checkpoints/best and latest). Read it; don't modify it."""
+    from attncap.train import train
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    shutil.copytree(prepared_run, run)
+    train(run, tiny_config(), progress=False)
+    return run

@@ -163,15 +163,18 @@ class Captioner(nn.Module):
         return Output(self.logits(hidden), torch.stack(alphas, 1))  # (B, T, V), (B, T, R)
 
 
-def caption_loss(output: Output, targets: torch.Tensor, alpha_c: float = 0.0
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def caption_loss(output: Output, targets: torch.Tensor, alpha_c: float = 0.0,
+                 denominator: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked cross-entropy over real tokens plus doubly stochastic attention regularisation.
 
-    targets: (B, T) with 0 = padding. Returns (loss, number of real tokens).
+    targets: (B, T) with 0 = padding. The summed cross-entropy is divided by ``denominator``
+    (default: this batch's number of real tokens; data-parallel training passes the global count).
+    Returns (loss, number of real tokens in this batch).
     """
     mask = targets != 0                                              # (B, T)
     ntok = mask.sum()
-    ce = F.cross_entropy(output.logits[mask], targets[mask], reduction="sum") / ntok
+    ce = F.cross_entropy(output.logits[mask], targets[mask], reduction="sum") / (
+        ntok if denominator is None else denominator)
     if alpha_c <= 0:
         return ce, ntok
     attention_total = (output.alphas * mask.unsqueeze(-1)).sum(1)   # (B, R)
