@@ -20,7 +20,7 @@ def model_and_feats(seed=0, batch=5):
 def teacher_forced_logprob(model, feats, tokens, ended: bool) -> float:
     seq = [START, *tokens] + ([END] if ended else [])
     inputs = torch.tensor([seq[:-1]])
-    logp = model(feats[None], inputs).logits.log_softmax(-1)[0]
+    logp = model(feats[None], inputs).logits.log_softmax(-1)  # (T, V): one caption, no padding
     return float(sum(logp[t, w] for t, w in enumerate(seq[1:])))
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .features import FeatureStore
+from .vocab import Vocab
 
 POOL_BATCHES = 50  # batches per sorting pool: large enough to bucket, small enough to stay random
 
@@ -27,14 +28,39 @@ class Batch:
 
     @property
     def inputs(self) -> torch.Tensor:
-        return self.tokens[:, :-1]
+        return teacher_forcing(self.tokens)[0]
 
     @property
     def targets(self) -> torch.Tensor:
-        return self.tokens[:, 1:]
+        return teacher_forcing(self.tokens)[1]
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(self.features.to(device, non_blocking=True), self.tokens.to(device), self.image_ids)
+
+
+def teacher_forcing(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``<start> w1 .. wn <end> <pad>..`` (B, T+1) -> decoder inputs and targets, each (B, T).
+
+    Inputs are ``<start> w1 .. wn`` then padding: ``<end>`` is never fed (nothing follows it), so
+    every row has as many input steps as target words and the decoder runs no wasted step.
+    """
+    inputs = tokens[:, :-1]
+    return inputs.masked_fill(inputs == Vocab.end, Vocab.pad), tokens[:, 1:]
+
+
+def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Cut already-shuffled items into batches of near-equal length, in random batch order.
+
+    Items are sorted by length inside pools of ``POOL_BATCHES`` batches, so a batch holds captions
+    of nearly equal length while which captions meet in a batch still changes every epoch.
+    Returns the item positions of every batch, longest first (the order the decoder runs them in).
+    """
+    batches = []
+    pool = batch_size * POOL_BATCHES
+    for lo in range(0, len(lengths), pool):
+        order = lo + np.argsort(lengths[lo:lo + pool], kind="stable")
+        batches += [order[k:k + batch_size][::-1] for k in range(0, len(order), batch_size)]
+    return [batches[k] for k in rng.permutation(len(batches))]
 
 
 class CaptionSplit:
@@ -70,12 +96,7 @@ class CaptionSplit:
                 pairs += [(i, int(c)) for c in rng.choice(len(caps), captions_per_image, replace=False)]
         pairs = np.array(pairs, dtype=np.int64)[rng.permutation(len(pairs))]
         lengths = np.array([len(self.captions[i][c]) for i, c in pairs])
-        batches = []
-        pool = batch_size * POOL_BATCHES
-        for lo in range(0, len(pairs), pool):
-            order = lo + np.argsort(lengths[lo:lo + pool], kind="stable")
-            batches += [pairs[order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
-        return [batches[k] for k in rng.permutation(len(batches))]
+        return [pairs[b] for b in length_buckets(lengths, batch_size, rng)]
 
     def batch(self, pairs: np.ndarray) -> Batch:
         """Gather features and pad captions for one planned batch."""

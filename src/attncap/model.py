@@ -46,22 +46,45 @@ class State(NamedTuple):
 
 
 class Output(NamedTuple):
-    logits: torch.Tensor  # (B, T, V)
-    alphas: torch.Tensor  # (B, T, R) attention of each step
+    """Teacher forcing's result over the real (non-pad) steps only, packed.
+
+    Row k is step ``index[k] % T`` of caption ``index[k] // T`` of the ``(B, T)`` input.
+    """
+
+    logits: torch.Tensor  # (N, V) scores of the next word at each real step
+    alphas: torch.Tensor  # (N, R) attention of each real step
+    index: torch.Tensor   # (N,) flat position of each row in the (B, T) input grid
+    shape: tuple[int, int]
+
+    def padded(self, packed: torch.Tensor) -> torch.Tensor:
+        """Scatter packed rows (N, ...) back to (B, T, ...), zeros at padding."""
+        B, T = self.shape
+        grid = packed.new_zeros(B * T, *packed.shape[1:]).index_copy(0, self.index, packed)
+        return grid.view(B, T, *packed.shape[1:])
 
 
 class BahdanauAttention(nn.Module):
-    """score_r = v . tanh(W_k region_r + W_q h); alpha = softmax(score); context = sum_r alpha_r region_r."""
+    """score_r = v . tanh(W_k region_r + query); alpha = softmax(score); context = sum_r alpha_r region_r.
 
-    def __init__(self, region_dim: int, hidden_dim: int, attention_dim: int):
+    The query ``W_q h`` is computed by the caller, in the same matmul as the recurrent gates.
+    Computed as ``tanh(x) = 2 sigmoid(2x) - 1``: the ``- v.1`` term is the same for every region
+    and cancels in the softmax, so ``alpha = softmax(2v . sigmoid(2x))``, the same numbers as the
+    tanh form (to float rounding) from an element-wise op that is several times faster on CPU.
+    Memory keys hold ``2 (W_k region + b)``.
+    """
+
+    def __init__(self, region_dim: int, attention_dim: int):
         super().__init__()
         self.key = nn.Linear(region_dim, attention_dim)
-        self.query = nn.Linear(hidden_dim, attention_dim)
-        self.score = nn.Linear(attention_dim, 1)
+        self.score = nn.Linear(attention_dim, 1, bias=False)  # a bias would cancel in the softmax
 
-    def forward(self, memory: Memory, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        energy = torch.tanh(memory.keys + self.query(h).unsqueeze(1))  # (B, R, A)
-        alpha = F.softmax(self.score(energy).squeeze(-1), dim=-1)      # (B, R)
+    def keys(self, regions: torch.Tensor) -> torch.Tensor:
+        return 2.0 * self.key(regions)                               # (B, R, A)
+
+    def forward(self, memory: Memory, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        energy = (memory.keys + 2.0 * query.unsqueeze(1)).sigmoid_()  # (B, R, A), in place: no copy
+        scores = 2.0 * self.score(energy).squeeze(-1)                 # (B, R)
+        alpha = F.softmax(scores, dim=-1)                             # (B, R)
         context = torch.bmm(alpha.unsqueeze(1), memory.regions).squeeze(1)  # (B, P)
         return context, alpha
 
@@ -79,19 +102,21 @@ class Captioner(nn.Module):
         if cfg.decoder not in DECODERS:
             raise AttncapError(f"model.decoder must be one of {', '.join(DECODERS)}, got {cfg.decoder!r}")
         self.cfg, self.vocab_size, self.feature_dim = cfg, vocab_size, feature_dim
-        P, H, G = cfg.proj_dim, cfg.hidden_dim, DECODERS[cfg.decoder] * cfg.hidden_dim
+        P, H, A, G = cfg.proj_dim, cfg.hidden_dim, cfg.attention_dim, DECODERS[cfg.decoder] * cfg.hidden_dim
         self.encoder = encoder  # trainable CNN over pixels, or None for cached features
         self.project = nn.Linear(feature_dim, P)
         self.embed = nn.Embedding(vocab_size, cfg.embed_dim, padding_idx=0)
-        self.attention = BahdanauAttention(P, H, cfg.attention_dim)
+        self.attention = BahdanauAttention(P, A)
         # The cell's input is [embedding; context]; its weight is split in two so that the
-        # embedding half can be applied to every step of a caption in one matmul.
+        # embedding half can be applied to every step of a batch in one matmul.
         self.word_gates = nn.Linear(cfg.embed_dim, G)
         self.context_gates = nn.Linear(P, G, bias=False)
-        self.hidden_gates = nn.Linear(H, G)
+        # Everything computed from the previous hidden state shares one matmul, in this order:
+        # the attention query (A), the recurrent gates (G) and the gating scalar beta (1, paper).
+        self.hidden_split = [A, G] + ([1] if cfg.gate else [])
+        self.hidden = nn.Linear(H, sum(self.hidden_split))
         self.init_h = nn.Linear(P, H) if cfg.init_from_features else None
         self.init_c = nn.Linear(P, H) if cfg.init_from_features and cfg.decoder == "lstm" else None
-        self.beta = nn.Linear(H, 1) if cfg.gate else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.fc1 = nn.Linear(H, cfg.fc_dim)
         self.fc2 = nn.Linear(cfg.fc_dim, vocab_size)
@@ -102,7 +127,7 @@ class Captioner(nn.Module):
         if self.encoder is not None:
             features = self.encoder(features)                       # (B, R, D)
         regions = F.relu(self.project(features.float()))            # (B, R, P)
-        return Memory(regions, self.attention.key(regions))         # keys (B, R, A)
+        return Memory(regions, self.attention.keys(regions))        # keys (B, R, A)
 
     def init_state(self, memory: Memory) -> State:
         B, H = memory.regions.shape[0], self.cfg.hidden_dim
@@ -119,11 +144,11 @@ class Captioner(nn.Module):
     def cell(self, memory: Memory, state: State, word_gates: torch.Tensor
              ) -> tuple[State, torch.Tensor]:
         """One decoder step given the embedding's gate input (B, G); returns new state and alpha (B, R)."""
-        context, alpha = self.attention(memory, state.h)             # (B, P), (B, R)
-        if self.beta is not None:
-            context = torch.sigmoid(self.beta(state.h)) * context    # gating scalar beta
+        query, gh, *beta = self.hidden(state.h).split(self.hidden_split, 1)  # (B, A), (B, G)
+        context, alpha = self.attention(memory, query)               # (B, P), (B, R)
+        if beta:
+            context = torch.sigmoid(beta[0]) * context               # gating scalar beta
         gi = word_gates + self.context_gates(context)                # (B, G)
-        gh = self.hidden_gates(state.h)                              # (B, G)
         if self.cfg.decoder == "gru":  # same equations and gate order as torch.nn.GRUCell
             i_r, i_z, i_n = gi.chunk(3, 1)
             h_r, h_z, h_n = gh.chunk(3, 1)
@@ -146,21 +171,38 @@ class Captioner(nn.Module):
 
     # -- teacher forcing ----------------------------------------------------------------------
     def forward(self, features: torch.Tensor, inputs: torch.Tensor) -> Output:
-        """Teacher forcing: ``inputs`` (B, T) are ``<start> w1 .. w_{T-1}``; returns logits for w1..w_T.
+        """Teacher forcing: ``inputs`` (B, T) are ``<start> w1 .. wn`` then padding (0).
 
-        Rows are decoded for all T steps; the loss masks the padding (batches are length-bucketed,
-        so there is little of it).
+        Returns the logits of w1 .. <end> at the real steps only. Captions are run longest first,
+        so the rows still running at step t are a prefix of the batch: each step computes only
+        those, and the word-side gates, the output layers and the loss run once over all real
+        tokens. Feed rows sorted by decreasing length to skip a reordering copy.
         """
+        B, T = inputs.shape
+        lengths = (inputs != 0).sum(1)                               # (B,)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        if bool((order == torch.arange(B, device=order.device)).all()):
+            order = None  # already longest first
+        else:
+            features, inputs, lengths = features[order], inputs[order], lengths[order]
+        steps = torch.arange(T, device=inputs.device)
+        running = steps[:, None] < lengths[None, :]                  # (T, B), prefix of each row
+        active = [n for n in running.sum(1).tolist() if n > 0]       # rows running at each step
+        word_gates = self.word_gates(self.embed(inputs.t()[running])).split(active)  # [(n_t, G)]
         memory = self.encode(features)
         state = self.init_state(memory)
-        word_gates = self.word_gates(self.embed(inputs))             # (B, T, G): all steps at once
+        prefixes = {B: memory}  # one slice per distinct row count, not per step (cheap backward)
         hs, alphas = [], []
-        for t in range(inputs.shape[1]):
-            state, alpha = self.cell(memory, state, word_gates[:, t])
+        for t, n in enumerate(active):
+            if n not in prefixes:
+                prefixes[n] = Memory(memory.regions[:n], memory.keys[:n])
+            state = State(state.h[:n], state.c[:n])
+            state, alpha = self.cell(prefixes[n], state, word_gates[t])
             hs.append(state.h)
             alphas.append(alpha)
-        hidden = torch.stack(hs, 1)                                  # (B, T, H)
-        return Output(self.logits(hidden), torch.stack(alphas, 1))  # (B, T, V), (B, T, R)
+        rows = torch.arange(B, device=inputs.device) if order is None else order
+        index = (rows[None, :] * T + steps[:, None])[running]        # (N,) in the caller's order
+        return Output(self.logits(torch.cat(hs)), torch.cat(alphas), index, (B, T))
 
 
 def caption_loss(output: Output, targets: torch.Tensor, alpha_c: float = 0.0,
@@ -171,14 +213,38 @@ def caption_loss(output: Output, targets: torch.Tensor, alpha_c: float = 0.0,
     (default: this batch's number of real tokens; data-parallel training passes the global count).
     Returns (loss, number of real tokens in this batch).
     """
-    mask = targets != 0                                              # (B, T)
-    ntok = mask.sum()
-    ce = F.cross_entropy(output.logits[mask], targets[mask], reduction="sum") / (
-        ntok if denominator is None else denominator)
+    logits, target = output.logits, targets.reshape(-1)[output.index]  # (N, V), (N,)
+    keep = target != 0
+    if not bool(keep.all()):  # only when targets are shorter than the inputs' real steps
+        logits, target = logits[keep], target[keep]
+    ntok = keep.sum()
+    ce = F.cross_entropy(logits, target, reduction="sum") / (ntok if denominator is None else denominator)
     if alpha_c <= 0:
         return ce, ntok
-    attention_total = (output.alphas * mask.unsqueeze(-1)).sum(1)   # (B, R)
+    B, T = output.shape
+    weights = output.alphas * keep.unsqueeze(-1)                     # (N, R)
+    attention_total = weights.new_zeros(B, weights.shape[1]).index_add(0, output.index // T, weights)
     return ce + alpha_c * ((1.0 - attention_total) ** 2).mean(), ntok
+
+
+def count_flops(model: Captioner, regions: int, images: int, tokens: int, training: bool = True) -> int:
+    """The model's own FLOPs for ``images`` images and ``tokens`` decoded words (multiply-add = 2).
+
+    Counts the matrix products (projection, attention, gates, output layers), not element-wise work.
+    Training adds the backward pass: weight gradients for every product and input gradients for
+    every product but the region projection (its input, the cached features, needs none).
+    """
+    c = model.cfg
+    P, A, H, E, F_, V = c.proj_dim, c.attention_dim, c.hidden_dim, c.embed_dim, c.fc_dim, model.vocab_size
+    G = DECODERS[c.decoder] * H
+    first = regions * model.feature_dim * P                                # region projection
+    per_image = regions * P * A + (P * H * (1 + (c.decoder == "lstm")) if c.init_from_features else 0)
+    per_token = (H * A + regions * A + regions * P                        # query, scores, context
+                 + (E + P + H) * G + H * F_ + F_ * V + (H if c.gate else 0))
+    forward = images * (first + per_image) + tokens * per_token
+    if not training:
+        return 2 * forward
+    return 2 * (3 * forward - images * first)
 
 
 def count_parameters(model: nn.Module) -> int:
