@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 
 from attncap.config import ModelConfig
@@ -48,14 +49,23 @@ def test_beam_scores_are_true_log_probabilities_and_sorted():
 
 
 def test_beam_is_at_least_as_likely_as_greedy_and_batching_changes_nothing():
+    """Images of one batch finish at different steps and leave it; nobody else's result changes."""
     model, feats = model_and_feats(seed=2, batch=6)
+    feats = feats * 10  # features that matter: captions of different lengths
+    with torch.no_grad():
+        model.fc2.bias[END] -= 0.5
     g = greedy(model, feats, START, END, max_len=10)
-    batched = beam_search(model, feats, START, END, beam_size=3, max_len=10)
+    batched = beam_search(model, feats, START, END, beam_size=3, max_len=10, n_best=3)
+    assert len({len(c.tokens) for c in g}) > 1 and len({len(h[0].tokens) for h in batched}) > 1
     for i in range(6):
-        alone = beam_search(model, feats[i:i + 1], START, END, beam_size=3, max_len=10)[0][0]
-        assert alone.tokens == batched[i][0].tokens
-        assert abs(alone.score - batched[i][0].score) < 1e-4
+        alone = beam_search(model, feats[i:i + 1], START, END, beam_size=3, max_len=10, n_best=3)[0]
+        for a, b in zip(alone, batched[i], strict=True):
+            assert a.tokens == b.tokens and abs(a.score - b.score) < 1e-4
+            np.testing.assert_allclose(a.alphas, b.alphas, atol=1e-5)
         assert batched[i][0].score >= g[i].score - 1e-4
+        g_alone = greedy(model, feats[i:i + 1], START, END, max_len=10)[0]
+        assert g_alone.tokens == g[i].tokens and abs(g_alone.score - g[i].score) < 1e-4
+        np.testing.assert_allclose(g_alone.alphas, g[i].alphas, atol=1e-5)
 
 
 def test_length_penalty_prefers_longer_captions():

@@ -52,23 +52,30 @@ def _step(model: Captioner, memory, state, words: torch.Tensor, start: int):
 @torch.inference_mode()
 def _sequential(model: Captioner, features: torch.Tensor, start: int, end: int, max_len: int,
                 choose: Chooser) -> list[Caption]:
-    """One hypothesis per image, extended word by word with ``choose``, until ``<end>``."""
+    """One hypothesis per image, extended word by word with ``choose``, until ``<end>``.
+
+    Finished captions leave the batch: each step runs only over the images still writing.
+    """
     memory = model.encode(features)
     state = model.init_state(memory)
-    B = features.shape[0]
-    words = torch.full((B,), start, dtype=torch.long, device=features.device)
-    done = torch.zeros(B, dtype=torch.bool, device=features.device)
-    score = torch.zeros(B, device=features.device)
+    B, R, dev = features.shape[0], memory.regions.shape[1], features.device
+    rows = torch.arange(B, device=dev)                      # images still running
+    words = torch.full((B,), start, dtype=torch.long, device=dev)
+    score = torch.zeros(B, device=dev)
     steps, alphas = [], []
     for _ in range(max_len):
         logp, alpha, state = _step(model, memory, state, words, start)
         words = choose(logp)
-        score += torch.where(done, 0.0, logp.gather(1, words[:, None]).squeeze(1))
-        steps.append(torch.where(done, end, words))
-        alphas.append(alpha)
-        done |= words == end
-        if bool(done.all()):
-            break
+        score[rows] += logp.gather(1, words[:, None]).squeeze(1)
+        steps.append(torch.full((B,), end, device=dev).index_copy(0, rows, words))
+        alphas.append(alpha.new_zeros(B, R).index_copy(0, rows, alpha))
+        running = words != end
+        if not bool(running.all()):
+            if not bool(running.any()):
+                break
+            keep = running.nonzero().squeeze(1)
+            rows, words = rows[keep], words[keep]
+            memory, state = memory.index_select(keep), state.index_select(keep)
     tokens = torch.stack(steps, 1).cpu().numpy()            # (B, L)
     maps = torch.stack(alphas, 1).float().cpu().numpy()     # (B, L, R)
     out = []
@@ -127,8 +134,7 @@ def beam_search(model: Captioner, features: torch.Tensor, start: int, end: int, 
     B, K, dev = features.shape[0], beam_size, features.device
     memory = model.encode(features)
     R = memory.regions.shape[1]
-    rows = torch.arange(B, device=dev).repeat_interleave(K)          # (B*K,) image of each beam
-    memory = memory.index_select(rows)
+    memory = memory.index_select(torch.arange(B, device=dev).repeat_interleave(K))  # (B*K, ...)
     state = model.init_state(memory)
     scores = torch.full((B, K), float("-inf"), device=dev)
     scores[:, 0] = 0.0                                               # all beams start identical
@@ -136,51 +142,59 @@ def beam_search(model: Captioner, features: torch.Tensor, start: int, end: int, 
                    torch.empty(B * K, 0, R, device=dev))
     words = torch.full((B * K,), start, dtype=torch.long, device=dev)
     finished: list[list[Caption]] = [[] for _ in range(B)]
+    images = list(range(B))  # the image of each row block still searching
     for t in range(max_len):
-        logp, alpha, state = _step(model, memory, state, words, start)  # (B*K, V), (B*K, R)
-        V = logp.shape[-1]
-        total = (beams.scores.unsqueeze(-1) + logp.view(B, K, V)).view(B, K * V)
-        top, idx = total.topk(2 * K, dim=1)                          # (B, 2K): at most K end here
-        origin = (idx // V) + (torch.arange(B, device=dev) * K).unsqueeze(1)  # (B, 2K) flat beam
+        logp, alpha, state = _step(model, memory, state, words, start)  # (n*K, V), (n*K, R)
+        n, V = len(images), logp.shape[-1]
+        total = (beams.scores.unsqueeze(-1) + logp.view(n, K, V)).view(n, K * V)
+        top, idx = total.topk(2 * K, dim=1)                          # (n, 2K): at most K end here
+        origin = (idx // V) + (torch.arange(n, device=dev) * K).unsqueeze(1)  # (n, 2K) flat beam
         word = idx % V
         is_end = word == end
         # Like fairseq: a hypothesis ending here counts only if it ranks among the top K.
-        _collect(finished, top[:, :K], origin, is_end[:, :K], beams, t + 1, length_penalty, K)
-        keep_scores, keep = top.masked_fill(is_end, float("-inf")).topk(K, dim=1)  # (B, K)
-        src = origin.gather(1, keep).view(-1)                        # (B*K,)
+        _collect(finished, images, top[:, :K], origin, is_end[:, :K], beams, t + 1, length_penalty, K)
+        keep_scores, keep = top.masked_fill(is_end, float("-inf")).topk(K, dim=1)  # (n, K)
+        src = origin.gather(1, keep).view(-1)                        # (n*K,)
         words = word.gather(1, keep).view(-1)
         beams = _Beams(keep_scores, torch.cat([beams.tokens[src], words[:, None]], 1),
                        torch.cat([beams.alphas[src], alpha[src].unsqueeze(1)], 1))
         state = state.index_select(src)
-        if all(len(f) >= K for f in finished):
+        searching = [k for k, b in enumerate(images) if len(finished[b]) < K]
+        if not searching:
             break
+        if len(searching) < n:  # images with K finished hypotheses leave the batch
+            blocks = torch.tensor(searching, device=dev)
+            rows = (blocks[:, None] * K + torch.arange(K, device=dev)).view(-1)
+            images = [images[k] for k in searching]
+            words, state, memory = words[rows], state.index_select(rows), memory.index_select(rows)
+            beams = _Beams(beams.scores[blocks], beams.tokens[rows], beams.alphas[rows])
     else:
-        _flush_alive(finished, beams, length_penalty, K)
+        _flush_alive(finished, images, beams, length_penalty, K)
     return [sorted(f, key=lambda c: -c.normalised)[:n_best] for f in finished]
 
 
-def _collect(finished, top, origin, is_end, beams: _Beams, length, penalty, K) -> None:
+def _collect(finished, images, top, origin, is_end, beams: _Beams, length, penalty, K) -> None:
     """Move hypotheses that just emitted ``<end>`` into ``finished`` (at most K per image)."""
-    for b, j in is_end.nonzero().tolist():
-        score = float(top[b, j])
+    for k, j in is_end.nonzero().tolist():
+        b = images[k]
+        score = float(top[k, j])
         if len(finished[b]) >= K or score == float("-inf"):
             continue
-        o = int(origin[b, j])
+        o = int(origin[k, j])
         tokens = beams.tokens[o].tolist()
         finished[b].append(Caption(tokens, beams.alphas[o].float().cpu().numpy(), score,
                                    score / (length ** penalty)))
 
 
-def _flush_alive(finished, beams: _Beams, penalty, K) -> None:
+def _flush_alive(finished, images, beams: _Beams, penalty, K) -> None:
     """At max_len, unfinished beams fill the images that still lack K finished hypotheses."""
-    B = len(finished)
     length = beams.tokens.shape[1]
-    for b in range(B):
+    for row, b in enumerate(images):
         for k in range(K):
-            score = float(beams.scores[b, k])
+            score = float(beams.scores[row, k])
             if len(finished[b]) >= K or score == float("-inf"):
                 continue
-            o = b * K + k
+            o = row * K + k
             finished[b].append(Caption(beams.tokens[o].tolist(), beams.alphas[o].float().cpu().numpy(),
                                        score, score / (length ** penalty)))
 
