@@ -176,15 +176,25 @@ def extract_features(encoder: Encoder, items: Sequence[ImageItem], features_dir:
     return FeatureStore.open(features_dir, split)
 
 
+def image_loader(items: Sequence[ImageItem], image_size: int, batch_size: int, workers: int,
+                 start: int = 0) -> DataLoader:
+    """Batches of (row numbers, uint8 pixels (b, 3, S, S), failure reasons) from ``items[start:]``.
+
+    ``workers`` processes decode and resize JPEGs ahead of the encoder (4 batches each), so
+    decoding overlaps the forward passes; the order of rows is kept.
+    """
+    return DataLoader(_ImageFiles(items, image_size, start), batch_size=batch_size, num_workers=workers,
+                      collate_fn=_collate, persistent_workers=False,
+                      prefetch_factor=4 if workers else None)
+
+
 def _fill(encoder, items, path, state_path, state, batch_size, workers, progress, split) -> None:
     """Encode rows ``state['done']:`` and write them in place, saving progress after every batch."""
     device = next((p.device for p in encoder.parameters()), torch.device("cpu"))
     shape, dtype = _row_layout(encoder)
     row_bytes = int(np.prod(shape)) * dtype.itemsize
     offset = _header_offset(path)
-    loader = DataLoader(_ImageFiles(items, encoder.spec.image_size, state["done"]), batch_size=batch_size,
-                        num_workers=workers, collate_fn=_collate,
-                        persistent_workers=False, prefetch_factor=4 if workers else None)
+    loader = image_loader(items, encoder.spec.image_size, batch_size, workers, state["done"])
     bar = tqdm(total=len(items), initial=state["done"], unit="img", desc=f"features {split}",
                disable=not progress, dynamic_ncols=True)
     with open(path, "r+b") as out, torch.inference_mode():
