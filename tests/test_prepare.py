@@ -10,6 +10,8 @@ from attncap.vocab import Vocab
 
 def coco(tmp_path, n=20):
     images = [{"id": i, "file_name": f"{i}.jpg"} for i in range(1, n + 1)]
+    for i in range(1, n + 1):
+        (tmp_path / f"{i}.jpg").touch()  # prepare skips images that are not on disk
     anns = [{"id": 100 + i, "image_id": i, "caption": f"A photo number w{i} of a thing."} for i in range(1, n + 1)]
     anns += [{"id": 999, "image_id": 1, "caption": "   "}]  # empty caption: dropped
     path = tmp_path / "captions.json"

@@ -1,12 +1,16 @@
-"""The evaluate stage: decode a split with the best checkpoint, score it, draw the report.
+"""The evaluate stage: decode a split with the best checkpoint, once per decoding setting, and score it.
 
-Writes ``run_dir/eval/``: ``results_{split}.json`` (COCO results format, re-scorable by the
-official tools), ``captions_{split}.json`` (captions with their words and attention grids),
-``scores.json``, and ``report/`` (loss curves, attention figures and GIFs, ``index.html``).
+Writes ``run_dir/eval/``, per setting (beam size K, 1 = greedy): ``results_{split}_beam{K}.json``
+(COCO results format ``[{"image_id", "caption"}]``, which the official coco-caption tools re-score)
+and ``scores_{split}_beam{K}.json``; for all settings ``table_{split}.md`` (scores x 100, as papers
+print them). For the main setting (``decode.beam_size`` when evaluated, else the last one):
+``results_{split}.json``, ``captions_{split}.json`` (words and attention grids), ``scores.json``
+and ``report/`` (loss curves, attention figures and GIFs, ``index.html``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -20,10 +24,13 @@ from .config import DecodeConfig
 from .data.shapes import load_objects
 from .dataset import CaptionSplit
 from .decoding import decode_split
+from .errors import AttncapError
 from .features import FeatureStore
 from .files import atomic_path, read_json, write_json
 from .images import load_image
 from .prepare import load_split, references
+
+TABLE_KEYS = (*metrics.METRIC_KEYS, "SPICE")
 
 
 def score_split(decoded: dict[int, dict], records: list[dict], objects_file: str | None
@@ -43,32 +50,63 @@ def score_split(decoded: dict[int, dict], records: list[dict], objects_file: str
 
 def evaluate_run(run_dir: str | Path, decode_cfg: DecodeConfig | None = None, split: str = "test",
                  checkpoint: str = "best", samples: int = 8, progress: bool = True) -> dict[str, float]:
-    """Decode and score ``split`` of a trained run; write results, scores and the report."""
+    """Decode and score ``split`` of a trained run with one setting; write results, scores and the report."""
+    return next(iter(evaluate_beams(run_dir, None, decode_cfg, split, checkpoint, samples, progress).values()))
+
+
+def evaluate_beams(run_dir: str | Path, beams: list[int] | None = None, decode_cfg: DecodeConfig | None = None,
+                   split: str = "test", checkpoint: str = "best", samples: int = 8, progress: bool = True
+                   ) -> dict[int, dict[str, float]]:
+    """Decode and score ``split`` once per beam size in ``beams`` (default: ``decode_cfg.beam_size``).
+
+    The model and features are loaded once; returns ``{beam size: scores}`` in the given order.
+    """
     run_dir = Path(run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, vocab, cfg, _ = load_model(run_dir / "checkpoints" / checkpoint, device)
     decode_cfg = decode_cfg or cfg.decode
-    records = load_split(run_dir / "data", split)
-    data = CaptionSplit(FeatureStore.open(run_dir / "features", split), records)
-    started = time.time()
-    d = decode_cfg
-    decoded = decode_split(model, data, vocab, d.beam_size, d.max_len, d.length_penalty,
-                           d.eval_batch_size, device, progress)
-    seconds = time.time() - started
-    manifest = read_json(run_dir / "data" / "manifest.json", "data manifest")
-    scores = score_split(decoded, data.records, manifest.get("objects"))
-    out = run_dir / "eval"
-    write_json(out / f"results_{split}.json", metrics.coco_results(
-        {i: d["caption"] for i, d in decoded.items()}), indent=None)
-    write_json(out / f"captions_{split}.json", {str(i): {"caption": d["caption"], "words": d["words"],
-               "attention": np.round(d["attention"], 4).tolist()} for i, d in decoded.items()}, indent=None)
-    summary = {k: v if isinstance(v, int) else round(float(v), 4) for k, v in scores.items()}
-    write_json(out / "scores.json", summary)
-    write_json(out / f"scores_{split}_beam{decode_cfg.beam_size}.json",
-               {**summary, "decode": decode_cfg.__dict__, "split": split, "images": len(decoded),
-                "decode_seconds": round(seconds, 1)})
-    write_report(run_dir, summary, decoded, data.records, samples, decode_cfg.beam_size)
-    return summary
+    beams = list(dict.fromkeys(beams or [decode_cfg.beam_size]))
+    if any(k < 1 for k in beams):
+        raise AttncapError(f"beam sizes must be at least 1 (1 = greedy), got {beams}")
+    main = decode_cfg.beam_size if decode_cfg.beam_size in beams else beams[-1]
+    data = CaptionSplit(FeatureStore.open(run_dir / "features", split), load_split(run_dir / "data", split))
+    objects = read_json(run_dir / "data" / "manifest.json", "data manifest").get("objects")
+    out, results = run_dir / "eval", {}
+    for k in beams:
+        setting = dataclasses.replace(decode_cfg, beam_size=k)
+        started = time.time()
+        decoded = decode_split(model, data, vocab, k, setting.max_len, setting.length_penalty,
+                               setting.eval_batch_size, device, progress)
+        seconds = time.time() - started
+        summary = {key: v if isinstance(v, int) else round(float(v), 4)
+                   for key, v in score_split(decoded, data.records, objects).items()}
+        coco = metrics.coco_results({i: d["caption"] for i, d in decoded.items()})
+        write_json(out / f"results_{split}_beam{k}.json", coco, indent=None)
+        write_json(out / f"scores_{split}_beam{k}.json",
+                   {**summary, "decode": setting.__dict__, "split": split, "images": len(decoded),
+                    "decode_seconds": round(seconds, 1), "spice": metrics.spice_unavailable() or "scored"})
+        results[k] = summary
+        if k == main:
+            write_json(out / f"results_{split}.json", coco, indent=None)
+            write_json(out / f"captions_{split}.json", {str(i): {
+                "caption": d["caption"], "words": d["words"],
+                "attention": np.round(d["attention"], 4).tolist()} for i, d in decoded.items()}, indent=None)
+            write_json(out / "scores.json", summary)
+            write_report(run_dir, summary, decoded, data.records, samples, k)
+    with atomic_path(out / f"table_{split}.md") as tmp:
+        tmp.write_text(format_table(results, split, len(data)), encoding="utf-8")
+    return results
+
+
+def format_table(results: dict[int, dict[str, float]], split: str, images: int) -> str:
+    """A Markdown table of the caption metrics per setting, x 100 as papers print them."""
+    keys = [k for k in TABLE_KEYS if any(k in s for s in results.values())]
+    lines = [f"Split {split}, {images} images; scores x 100.", "",
+             "| setting | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for k, scores in results.items():
+        name = "greedy" if k == 1 else f"beam {k}"
+        lines.append(f"| {name} | " + " | ".join(f"{100 * scores[key]:.1f}" for key in keys) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_report(run_dir: Path, scores: dict, decoded: dict, records: list[dict], samples: int,
