@@ -81,7 +81,8 @@ class TrainConfig:
     max_minutes: float = 0.0         # stop after the epoch that crosses this budget; 0 = no budget
     log_every: int = 25              # steps between train-loss log records
     seed: int = 0
-    threads: int = 0                 # torch intra-op threads; 0 = all cores
+    threads: int = 0                 # torch intra-op threads; 0 = cores / processes on this node
+    dist_timeout_minutes: float = 30.0  # torchrun: how long a rank waits for a dead or stuck peer
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,16 @@
 """The training loop: teacher forcing on cached features, validation every epoch, exact resume.
 
-Phases are named functions: :func:`train_one_epoch` and :func:`evaluate`. Runtime state (epoch,
-step, best score) lives in :class:`TrainState`, saved with every checkpoint, never in the config.
-Writes ``run_dir/checkpoints/{latest,best}``, ``run_dir/train/metrics.jsonl`` and TensorBoard
-scalars in ``run_dir/train/tb``.
+Phases are named functions: :func:`train_one_epoch` (made of :func:`train_step`) and
+:func:`evaluate`. Runtime state (epoch, step, position in the epoch, best score) lives in
+:class:`TrainState`, saved with every checkpoint, never in the config. Writes
+``run_dir/checkpoints/{latest,best}``, ``run_dir/train/metrics.jsonl`` and TensorBoard scalars in
+``run_dir/train/tb``.
+
+Data-parallel: under torchrun each process takes its share of every planned batch, so the global
+batch stays ``train.batch_size`` and the learning rate stays ``train.lr`` whatever the world size;
+rank 0 alone logs, evaluates and writes checkpoints (see :mod:`attncap.distributed`). SIGTERM or
+SIGUSR1 stops every rank after the same step; rank 0 then writes a checkpoint that resumes at
+exactly the next batch.
 """
 
 from __future__ import annotations
@@ -11,11 +18,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -24,6 +31,7 @@ from .checkpoint import load_model, load_state, save_checkpoint
 from .config import RunConfig
 from .dataset import CaptionSplit
 from .decoding import decode_split
+from .distributed import Dist, StopSignals, process_group, threads_per_process
 from .encoders import build_encoder
 from .errors import AttncapError
 from .features import FeatureStore
@@ -37,11 +45,31 @@ from .vocab import Vocab
 class TrainState:
     epoch: int = 0                 # epochs completed
     step: int = 0                  # optimizer steps taken
+    batch_in_epoch: int = 0        # batches of the current epoch's plan already done
+    epoch_loss: float = 0.0        # summed token loss of those batches (for the epoch's mean)
+    epoch_tokens: int = 0          # and their number of tokens
     best_score: float = -1.0       # best validation CIDEr so far
     best_epoch: int = 0
     stale_epochs: int = 0          # epochs since the best
     seconds: float = 0.0           # training time so far (excluding this process's start-up)
     stopped: str = ""              # why training ended early, if it did
+    preempted: str = ""            # the signal that stopped this process ("" if none); never saved
+
+
+@dataclass
+class Trainer:
+    """What one training process holds; the phases below read and update it."""
+
+    cfg: RunConfig
+    model: Captioner               # the bare model: evaluation and checkpoints
+    net: torch.nn.Module           # what the training step runs: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: TrainState
+    dist: Dist
+    stop: StopSignals
+    log: MetricsLog | None         # rank 0 only
+    progress: bool
 
 
 class MetricsLog:
@@ -89,32 +117,64 @@ def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
     return factor
 
 
-def train_one_epoch(model, split: CaptionSplit, plan, optimizer, scheduler, cfg: RunConfig,
-                    state: TrainState, log: MetricsLog, device, progress: bool) -> float:
-    """One pass over ``plan``; returns the mean training loss per token."""
-    model.train()
-    total, tokens = 0.0, 0
-    bar = tqdm(plan, desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}", unit="batch",
-               disable=not progress, dynamic_ncols=True, leave=False)
-    for pairs in bar:
-        batch = split.batch(pairs).to(device)
-        output = model(batch.features, batch.inputs)
-        loss, ntok = caption_loss(output, batch.targets, cfg.model.alpha_c)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        state.step += 1
-        loss = loss.detach()
-        total += float(loss) * int(ntok)
-        tokens += int(ntok)
-        if state.step % cfg.train.log_every == 0:
-            log.write({"step": state.step, "train_loss": round(float(loss), 5),
-                       "lr": scheduler.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-    return total / max(1, tokens)
+def train_step(t: Trainer, split: CaptionSplit, pairs: np.ndarray) -> tuple[float, int] | None:
+    """One optimizer step on this rank's share of a planned batch.
+
+    Returns (the batch's loss per token, its tokens), both global; None when some rank has
+    received a stop signal (every rank then skips the step, as they agree in one all-reduce).
+    Each rank divides its summed token loss by the global token count, so the ranks' losses add up
+    to the one-process loss; DDP averages gradients, so the backward pass is scaled by the world size.
+    """
+    local, real = t.dist.shard(pairs)
+    batch = split.batch(local)
+    local_tokens = int((batch.targets != 0).sum()) if real else 0  # counted on the CPU: no GPU sync
+    stop, tokens = t.dist.sum([float(bool(t.stop.received)), local_tokens])
+    if stop:
+        return None
+    batch = batch.to(t.dist.device)
+    share = len(local) / len(pairs) if real else 0.0  # the attention penalty is a mean over images
+    output = t.net(batch.features, batch.inputs)
+    loss, _ = caption_loss(output, batch.targets, t.cfg.model.alpha_c * share, denominator=tokens)
+    if not real:
+        loss = loss * 0.0
+    t.optimizer.zero_grad(set_to_none=True)
+    (loss * t.dist.world_size).backward()
+    if t.cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.train.grad_clip)
+    t.optimizer.step()
+    t.scheduler.step()
+    t.state.step += 1
+    (total,) = t.dist.sum([float(loss.detach())])
+    return total, int(tokens)
+
+
+def train_one_epoch(t: Trainer, split: CaptionSplit, plan: list[np.ndarray]) -> float | None:
+    """Run ``plan`` from ``state.batch_in_epoch`` on; returns the epoch's mean loss per token.
+
+    Returns None when a stop signal ended the epoch early: the state then points at the next batch.
+    """
+    t.net.train()
+    s = t.state
+    bar = tqdm(total=len(plan), initial=s.batch_in_epoch, unit="batch", dynamic_ncols=True,
+               desc=f"epoch {s.epoch + 1}/{t.cfg.train.epochs}", leave=False,
+               disable=not (t.progress and t.dist.is_main))
+    for pairs in plan[s.batch_in_epoch:]:
+        result = train_step(t, split, pairs)
+        if result is None:
+            bar.close()
+            return None
+        loss, tokens = result
+        s.batch_in_epoch += 1
+        s.epoch_loss += loss * tokens
+        s.epoch_tokens += tokens
+        if t.log is not None and s.step % t.cfg.train.log_every == 0:
+            t.log.write({"step": s.step, "train_loss": round(loss, 5), "lr": t.scheduler.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{loss:.3f}")
+        bar.update()
+    bar.close()
+    mean = s.epoch_loss / max(1, s.epoch_tokens)
+    s.batch_in_epoch, s.epoch_loss, s.epoch_tokens = 0, 0.0, 0
+    return mean
 
 
 @torch.inference_mode()
@@ -146,7 +206,21 @@ def _build(cfg: RunConfig, vocab: Vocab, store: FeatureStore, device) -> Caption
     return Captioner(cfg.model, len(vocab), dim, encoder).to(device)
 
 
-def _restore(ckpt: Path, model, optimizer, scheduler) -> TrainState:
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's random generators (dropout draws from them), as tensors for state.pt."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _seed_rank(cfg: RunConfig, dist: Dist) -> None:
+    """Give ranks other than 0 their own random stream (dropout masks), rank 0 the one-process one."""
+    if dist.rank > 0:
+        torch.manual_seed(cfg.train.seed + dist.rank)
+
+
+def _restore(ckpt: Path, model, optimizer, scheduler, cfg: RunConfig, dist: Dist) -> TrainState:
     saved = load_state(ckpt)
     resumed, _, ckpt_cfg, _ = load_model(ckpt)
     if ckpt_cfg.model != model.cfg or resumed.vocab_size != model.vocab_size \
@@ -156,69 +230,124 @@ def _restore(ckpt: Path, model, optimizer, scheduler) -> TrainState:
     model.load_state_dict(resumed.state_dict())
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["torch_rng"])
-    return TrainState(**json.loads(saved["train_state"]))
+    rng = saved.get("rng") or [{"torch": saved["torch_rng"]}]  # older checkpoints: one process
+    if len(rng) == dist.world_size:
+        torch.set_rng_state(rng[dist.rank]["torch"])
+        if "cuda" in rng[dist.rank] and dist.device.type == "cuda":
+            torch.cuda.set_rng_state(rng[dist.rank]["cuda"], dist.device)
+    else:
+        _seed_rank(cfg, dist)
+        if dist.is_main:
+            print(f"note: {ckpt} was written by {len(rng)} process(es), this run has {dist.world_size}: "
+                  "the data order continues exactly, random draws (dropout) do not", flush=True)
+    fields = {f.name for f in dataclasses.fields(TrainState)}
+    state = TrainState(**{k: v for k, v in json.loads(saved["train_state"]).items() if k in fields})
+    state.preempted = ""
+    return state
 
 
 def train(run_dir: str | Path, cfg: RunConfig, resume: bool = True, progress: bool = True,
           device: str | None = None) -> TrainState:
-    """Train on ``run_dir``'s prepared data and features; resume from ``checkpoints/latest``."""
+    """Train on ``run_dir``'s prepared data and features; resume from ``checkpoints/latest``.
+
+    Under torchrun every process calls this and joins the process group here. The returned state's
+    ``preempted`` names the signal when one stopped the run (after a checkpoint).
+    """
     run_dir = Path(run_dir)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
-    vocab = Vocab.load(run_dir / "data" / "vocab.json")
-    stores = {s: FeatureStore.open(run_dir / "features", s) for s in ("train", "val")}
-    train_split = CaptionSplit(stores["train"], load_split(run_dir / "data", "train"))
-    val_split = CaptionSplit(stores["val"], load_split(run_dir / "data", "val"))
-    if len(train_split) == 0 or len(val_split) == 0:
-        raise AttncapError(f"{run_dir}: the train or val split has no image with features")
-    model = _build(cfg, vocab, stores["train"], device)
+    with process_group(device, cfg.train.dist_timeout_minutes) as dist, StopSignals() as stop:
+        torch.set_num_threads(cfg.train.threads or threads_per_process(dist.local_world_size))
+        vocab = Vocab.load(run_dir / "data" / "vocab.json")
+        stores = {s: FeatureStore.open(run_dir / "features", s) for s in ("train", "val")}
+        splits = {s: CaptionSplit(stores[s], load_split(run_dir / "data", s)) for s in stores}
+        if len(splits["train"]) == 0 or len(splits["val"]) == 0:
+            raise AttncapError(f"{run_dir}: the train or val split has no image with features")
+        t = _trainer(run_dir, cfg, vocab, stores["train"], splits["train"], resume, progress, dist, stop)
+        try:
+            _run_epochs(t, splits, vocab, run_dir, stores["train"].encoder)
+        finally:
+            if t.log is not None:
+                t.log.close()
+        return t.state
+
+
+def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, train_split, resume: bool,
+             progress: bool, dist: Dist, stop: StopSignals) -> Trainer:
+    """Model, optimizer and schedule, restored from ``checkpoints/latest`` when resuming."""
+    model = _build(cfg, vocab, store, dist.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     per_epoch = len(train_split.epoch_plan(0, cfg.train.seed, cfg.train.batch_size,
                                            cfg.train.captions_per_image))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
         per_epoch * cfg.train.epochs, cfg.train.warmup_steps, cfg.train.min_lr_ratio))
     latest = run_dir / "checkpoints" / "latest"
-    state = TrainState()
     if resume and (latest / "state.pt").is_file():
-        state = _restore(latest, model, optimizer, scheduler)
-    log = MetricsLog(run_dir / "train", state.step)
-    try:
-        _run_epochs(model, train_split, val_split, vocab, optimizer, scheduler, cfg, state, log,
-                    run_dir, stores["train"].encoder, device, progress)
-    finally:
-        log.close()
-    return state
+        state = _restore(latest, model, optimizer, scheduler, cfg, dist)
+    else:
+        state = TrainState()
+        _seed_rank(cfg, dist)
+    if dist.is_main:
+        where = f"; resuming epoch {state.epoch + 1} after batch {state.batch_in_epoch}" if state.step else ""
+        print(f"training: {dist.world_size} process(es) ({dist.backend or 'no process group'}, "
+              f"{dist.device}), global batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, "
+              f"{per_epoch} steps per epoch{where}", flush=True)
+    log = MetricsLog(run_dir / "train", state.step) if dist.is_main else None
+    return Trainer(cfg, model, dist.wrap(model), optimizer, scheduler, state, dist, stop, log, progress)
 
 
-def _run_epochs(model, train_split, val_split, vocab, optimizer, scheduler, cfg, state, log,
-                run_dir, encoder_info, device, progress) -> None:
-    while state.epoch < cfg.train.epochs:
-        state.stopped = _stop_reason(cfg, state)
-        if state.stopped:
+def _run_epochs(t: Trainer, splits: dict[str, CaptionSplit], vocab: Vocab, run_dir: Path,
+                encoder_info: dict) -> None:
+    cfg = t.cfg
+    while t.state.epoch < cfg.train.epochs:
+        t.state.stopped = _stop_reason(cfg, t.state)
+        if t.state.stopped:
             break
         started = time.time()
-        plan = train_split.epoch_plan(state.epoch, cfg.train.seed, cfg.train.batch_size,
-                                      cfg.train.captions_per_image)
-        train_loss = train_one_epoch(model, train_split, plan, optimizer, scheduler, cfg, state,
-                                     log, device, progress)
-        scores = evaluate(model, val_split, vocab, cfg, device)
-        state.epoch += 1
-        state.seconds += time.time() - started
-        improved = scores["val_CIDEr"] > state.best_score
+        plan = splits["train"].epoch_plan(t.state.epoch, cfg.train.seed, cfg.train.batch_size,
+                                          cfg.train.captions_per_image)
+        train_loss = train_one_epoch(t, splits["train"], plan)
+        if train_loss is None:
+            _stop_for_signal(t, run_dir, vocab, encoder_info, started)
+            return
+        improved = _end_epoch(t, splits["val"], vocab, train_loss, started)
+        _checkpoint(t, run_dir, vocab, encoder_info, improved)
+
+
+def _end_epoch(t: Trainer, val_split: CaptionSplit, vocab: Vocab, train_loss: float, started: float) -> bool:
+    """Rank 0 validates, keeps the best score and logs; every rank then takes rank 0's state.
+
+    Returns whether validation CIDEr improved (meaningful on rank 0, which writes checkpoints).
+    """
+    s, cfg, improved = t.state, t.cfg, False
+    if t.dist.is_main:
+        scores = evaluate(t.model, val_split, vocab, cfg, t.dist.device)
+        s.epoch += 1
+        s.seconds += time.time() - started
+        improved = scores["val_CIDEr"] > s.best_score
         if improved:
-            state.best_score, state.best_epoch, state.stale_epochs = scores["val_CIDEr"], state.epoch, 0
+            s.best_score, s.best_epoch, s.stale_epochs = scores["val_CIDEr"], s.epoch, 0
         else:
-            state.stale_epochs += 1
-        state.stopped = _stop_reason(cfg, state) if state.epoch < cfg.train.epochs else ""
-        record = {"epoch": state.epoch, "step": state.step, "train_loss": round(train_loss, 5),
-                  "val_loss": round(scores["val_loss"], 5), "val_CIDEr": round(scores["val_CIDEr"], 5),
-                  "lr": scheduler.get_last_lr()[0], "time_s": round(state.seconds, 1)}
-        log.write(record)
-        if progress:
-            print(f"epoch {state.epoch}: train loss {train_loss:.3f}  val loss {scores['val_loss']:.3f}  "
+            s.stale_epochs += 1
+        s.stopped = _stop_reason(cfg, s) if s.epoch < cfg.train.epochs else ""
+        t.log.write({"epoch": s.epoch, "step": s.step, "train_loss": round(train_loss, 5),
+                     "val_loss": round(scores["val_loss"], 5), "val_CIDEr": round(scores["val_CIDEr"], 5),
+                     "lr": t.scheduler.get_last_lr()[0], "time_s": round(s.seconds, 1)})
+        if t.progress:
+            print(f"epoch {s.epoch}: train loss {train_loss:.3f}  val loss {scores['val_loss']:.3f}  "
                   f"val CIDEr {scores['val_CIDEr']:.3f}  ({time.time() - started:.0f} s)", flush=True)
-        _checkpoint(run_dir, model, vocab, cfg, encoder_info, optimizer, scheduler, state, improved)
+    t.state = t.dist.broadcast(s)
+    return improved
+
+
+def _stop_for_signal(t: Trainer, run_dir: Path, vocab: Vocab, encoder_info: dict, started: float) -> None:
+    """A rank got SIGTERM/SIGUSR1: checkpoint the exact position, then let the process exit."""
+    s = t.state
+    s.seconds += time.time() - started
+    _checkpoint(t, run_dir, vocab, encoder_info, improved=False)
+    s.preempted = t.stop.received or "a signal to another rank"
+    s.stopped = (f"{s.preempted} after step {s.step} (batch {s.batch_in_epoch} of epoch {s.epoch + 1}); "
+                 "checkpoint written, run the same command to resume")
+    if t.dist.is_main:
+        print(f"stopped by {s.stopped}", flush=True)
 
 
 def _stop_reason(cfg: RunConfig, state: TrainState) -> str:
@@ -230,10 +359,15 @@ def _stop_reason(cfg: RunConfig, state: TrainState) -> str:
     return ""
 
 
-def _checkpoint(run_dir, model, vocab, cfg, encoder_info, optimizer, scheduler, state, improved):
-    saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "torch_rng": torch.get_rng_state(), "train_state": json.dumps(dataclasses.asdict(state))}
-    folder = run_dir / "checkpoints"
-    save_checkpoint(folder / "latest", model, vocab, cfg, encoder_info, saved)
-    if improved:
-        save_checkpoint(folder / "best", model, vocab, cfg, encoder_info)
+def _checkpoint(t: Trainer, run_dir: Path, vocab: Vocab, encoder_info: dict, improved: bool) -> None:
+    """Rank 0 writes ``latest`` (and ``best``) with every rank's RNG state; the others wait for it."""
+    rng = t.dist.gather(_rng_state(t.dist.device))
+    if t.dist.is_main:
+        state = {k: v for k, v in dataclasses.asdict(t.state).items() if k != "preempted"}
+        saved = {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+                 "rng": rng, "train_state": json.dumps(state)}
+        folder = run_dir / "checkpoints"
+        save_checkpoint(folder / "latest", t.model, vocab, t.cfg, encoder_info, saved)
+        if improved:
+            save_checkpoint(folder / "best", t.model, vocab, t.cfg, encoder_info)
+    t.dist.barrier()
