@@ -10,6 +10,7 @@ demo: $(STAMP)
 	$(BIN)/attncap demo
 
 test: $(STAMP)
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }  # the browser test
 	$(BIN)/python -m pytest -q
 
 install: $(STAMP)

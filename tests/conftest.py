@@ -55,3 +55,11 @@ def trained_run(prepared_run, tmp_path_factory) -> Path:
     shutil.copytree(prepared_run, run)
     train(run, tiny_config(), progress=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def mini_coco(tmp_path_factory):
+    """A miniature MS-COCO 2014 on disk and as zips (see tests/coco_fixture.py). Read-only."""
+    from coco_fixture import build_mini_coco
+
+    return build_mini_coco(tmp_path_factory.mktemp("mini_coco"))

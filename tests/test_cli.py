@@ -55,7 +55,7 @@ def test_caption_prints_captions_and_plots(demo_run, tmp_path, capsys):
     gray16 = tmp_path / "gray16.png"
     Image.open(image).convert("L").point(lambda v: v * 256, "I").convert("I;16").save(gray16)
     code = main(["caption", "--run", str(demo_run), str(image), str(rgba), str(gray16), "--plot",
-                 "--n-best", "2", "--out", str(tmp_path / "plots")])
+                 "--n-best", "2", "--plot-dir", str(tmp_path / "plots")])
     out = capsys.readouterr().out
     assert code == 0
     assert out.count(f"{image}:") == 1 and out.count(f"{rgba}:") == 1 and out.count(f"{gray16}:") == 1

@@ -83,6 +83,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0                 # torch intra-op threads; 0 = cores / processes on this node
     dist_timeout_minutes: float = 30.0  # torchrun: how long a rank waits for a dead or stuck peer
+    precision: str = "auto"          # fp32 | bf16 (autocast) | auto (bf16 on a GPU that supports it)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,10 @@ plan depends only on (seed, epoch), which is what makes resuming exact.
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -17,12 +20,14 @@ import torch
 from .features import FeatureStore
 from .vocab import Vocab
 
+T = TypeVar("T")
+U = TypeVar("U")
 POOL_BATCHES = 50  # batches per sorting pool: large enough to bucket, small enough to stay random
 
 
 @dataclass
 class Batch:
-    features: torch.Tensor  # (B, R, D) float32 regions, or (B, 3, S, S) uint8 pixels
+    features: torch.Tensor  # (B, R, D) float16 regions, or (B, 3, S, S) uint8 pixels
     tokens: torch.Tensor    # (B, T+1) <start> w1 .. wn <end> <pad>...
     image_ids: list[int]
 
@@ -35,7 +40,28 @@ class Batch:
         return teacher_forcing(self.tokens)[1]
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(self.features.to(device, non_blocking=True), self.tokens.to(device), self.image_ids)
+        return Batch(self.features.to(device, non_blocking=True), self.tokens.to(device, non_blocking=True),
+                     self.image_ids)
+
+    def pin(self) -> "Batch":
+        """In page-locked memory, so that the copy to the GPU runs asynchronously."""
+        return Batch(self.features.pin_memory(), self.tokens.pin_memory(), self.image_ids)
+
+
+def prefetch(items: Iterable[T], load: Callable[[T], U], depth: int = 2) -> Iterator[U]:
+    """``load(item)`` for every item, in order, computed ``depth`` items ahead in a background thread.
+
+    Gathering a batch from the memory-mapped store (and pinning it for the GPU) then overlaps the
+    previous training step: numpy and torch release the GIL while they copy.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(load, item))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def teacher_forcing(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,10 +105,9 @@ class CaptionSplit:
         return len(self.image_ids)
 
     def features(self, index: np.ndarray) -> torch.Tensor:
-        """Features of images ``index`` (positions in this split)."""
-        block = self.array[self.rows[index]]
-        tensor = torch.from_numpy(np.ascontiguousarray(block))
-        return tensor if tensor.dtype == torch.uint8 else tensor.float()
+        """Features of images ``index`` (positions in this split), as stored: float16 regions
+        (the model converts them on its device: half the bytes to move) or uint8 pixels."""
+        return torch.from_numpy(np.ascontiguousarray(self.array[self.rows[index]]))
 
     def epoch_plan(self, epoch: int, seed: int, batch_size: int, captions_per_image: int
                    ) -> list[np.ndarray]:

@@ -52,10 +52,11 @@ def prepare_stage(run_dir: str | Path, cfg: RunConfig, progress: bool = True) ->
         vocab = prepare(data_cfg, world.captions_json, world.images_dir, run_dir / "data",
                         extra={"objects": str(world.objects_json.resolve())})
     elif d.dataset == "coco":
-        if not d.captions or not d.images:
-            raise AttncapError("data.captions and data.images must be set for dataset 'coco' "
-                               "(e.g. --set data.captions=captions.json --set data.images=DIR)")
-        vocab = prepare(d, d.captions, d.images, run_dir / "data")
+        if not d.images or not (d.captions or d.splits):
+            raise AttncapError("dataset 'coco' needs data.images and data.captions (a COCO captions JSON) "
+                               "or data.splits (Karpathy's dataset_coco.json), e.g. --images DIR "
+                               "--captions captions.json; see docs/coco.md")
+        vocab = prepare(d, d.captions or None, d.images, run_dir / "data")
     else:
         raise AttncapError(f"data.dataset must be 'shapes' or 'coco', got {d.dataset!r}")
     return len(vocab)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from . import metrics
 from .checkpoint import load_model, load_state, save_checkpoint
 from .config import RunConfig
-from .dataset import CaptionSplit
+from .dataset import CaptionSplit, prefetch
 from .decoding import decode_split
 from .distributed import Dist, StopSignals, process_group, threads_per_process
 from .encoders import build_encoder
@@ -70,6 +70,7 @@ class Trainer:
     stop: StopSignals
     log: MetricsLog | None         # rank 0 only
     progress: bool
+    bf16: bool                     # bf16 autocast for the training step (train.precision)
 
 
 class MetricsLog:
@@ -117,24 +118,31 @@ def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
     return factor
 
 
-def train_step(t: Trainer, split: CaptionSplit, pairs: np.ndarray) -> tuple[float, int] | None:
-    """One optimizer step on this rank's share of a planned batch.
+def load_batch(t: Trainer, split: CaptionSplit, pairs: np.ndarray) -> tuple:
+    """This rank's share of a planned batch, gathered (and pinned for a GPU) ahead of its step."""
+    local, real = t.dist.shard(pairs)
+    batch = split.batch(local)
+    return pairs, local, real, batch.pin() if t.dist.device.type == "cuda" else batch
+
+
+def train_step(t: Trainer, loaded: tuple) -> tuple[float, int] | None:
+    """One optimizer step on this rank's share of a planned batch (from :func:`load_batch`).
 
     Returns (the batch's loss per token, its tokens), both global; None when some rank has
     received a stop signal (every rank then skips the step, as they agree in one all-reduce).
     Each rank divides its summed token loss by the global token count, so the ranks' losses add up
     to the one-process loss; DDP averages gradients, so the backward pass is scaled by the world size.
     """
-    local, real = t.dist.shard(pairs)
-    batch = split.batch(local)
+    pairs, local, real, batch = loaded
     local_tokens = int((batch.targets != 0).sum()) if real else 0  # counted on the CPU: no GPU sync
     stop, tokens = t.dist.sum([float(bool(t.stop.received)), local_tokens])
     if stop:
         return None
     batch = batch.to(t.dist.device)
     share = len(local) / len(pairs) if real else 0.0  # the attention penalty is a mean over images
-    output = t.net(batch.features, batch.inputs)
-    loss, _ = caption_loss(output, batch.targets, t.cfg.model.alpha_c * share, denominator=tokens)
+    with torch.autocast(t.dist.device.type, torch.bfloat16, enabled=t.bf16):
+        output = t.net(batch.features, batch.inputs)
+        loss, _ = caption_loss(output, batch.targets, t.cfg.model.alpha_c * share, denominator=tokens)
     if not real:
         loss = loss * 0.0
     t.optimizer.zero_grad(set_to_none=True)
@@ -158,8 +166,8 @@ def train_one_epoch(t: Trainer, split: CaptionSplit, plan: list[np.ndarray]) -> 
     bar = tqdm(total=len(plan), initial=s.batch_in_epoch, unit="batch", dynamic_ncols=True,
                desc=f"epoch {s.epoch + 1}/{t.cfg.train.epochs}", leave=False,
                disable=not (t.progress and t.dist.is_main))
-    for pairs in plan[s.batch_in_epoch:]:
-        result = train_step(t, split, pairs)
+    for loaded in prefetch(plan[s.batch_in_epoch:], lambda pairs: load_batch(t, split, pairs)):
+        result = train_step(t, loaded)
         if result is None:
             bar.close()
             return None
@@ -289,9 +297,20 @@ def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, t
         where = f"; resuming epoch {state.epoch + 1} after batch {state.batch_in_epoch}" if state.step else ""
         print(f"training: {dist.world_size} process(es) ({dist.backend or 'no process group'}, "
               f"{dist.device}), global batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, "
+              f"{'bf16 autocast' if _bf16(cfg.train.precision, dist.device) else 'float32'}, "
               f"{per_epoch} steps per epoch{where}", flush=True)
     log = MetricsLog(run_dir / "train", state.step) if dist.is_main else None
-    return Trainer(cfg, model, dist.wrap(model), optimizer, scheduler, state, dist, stop, log, progress)
+    return Trainer(cfg, model, dist.wrap(model), optimizer, scheduler, state, dist, stop, log, progress,
+                   _bf16(cfg.train.precision, dist.device))
+
+
+def _bf16(precision: str, device: torch.device) -> bool:
+    """train.precision: "auto" is bf16 autocast on a GPU that supports it, float32 elsewhere."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise AttncapError(f"train.precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
 
 
 def _run_epochs(t: Trainer, splits: dict[str, CaptionSplit], vocab: Vocab, run_dir: Path,

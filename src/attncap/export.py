@@ -1,0 +1,265 @@
+"""Export a trained model for use outside this toolkit.
+
+Two formats:
+
+* ``folder``: a self-contained model folder (``model.safetensors``, ``encoder.safetensors``,
+  ``config.json``, ``vocab.json``, ``README.md`` card) with no training state, which
+  :func:`attncap.load` reads back into a ready :class:`~attncap.predict.Predictor`.
+* ``onnx``: the decoder cut at the same seams :mod:`attncap.decoding` uses, so any ONNX runtime can
+  run greedy or beam search with its own loop: ``encode.onnx`` (encoder features -> projected
+  regions, attention keys and the initial state) and ``step.onnx`` (one word step). Both have a
+  dynamic batch axis. The CNN that makes the features is not part of the graphs (unless it is a
+  trainable one, then ``encode.onnx`` takes pixels): the ``encoder`` entry of ``config.json`` and
+  ``onnx.json`` names it, with its input size and grid.
+
+Folders are built beside their final name and renamed into place, so a failed export leaves
+nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint import load_model
+from .config import RunConfig
+from .errors import AttncapError
+from .files import read_json, write_json
+from .model import Captioner, Memory, State
+from .vocab import Vocab
+from .predict import ENCODER_WEIGHTS, Predictor, resolve_model_dir
+
+OPSET = 18
+
+
+@contextlib.contextmanager
+def _atomic_folder(path: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; swap it in for ``path`` if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; an export is for sharing
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_model_files(source: Path, dest: Path,
+                      names: tuple[str, ...] = ("model.safetensors", "config.json", "vocab.json")) -> None:
+    """The checkpoint's weights, config and vocabulary (already validated by loading them)."""
+    for name in names:
+        shutil.copyfile(source / name, dest / name)
+        os.chmod(dest / name, 0o644)
+
+
+def export_folder(source: str | Path, out: str | Path) -> Path:
+    """Write a self-contained model folder that :func:`attncap.load` reads back.
+
+    ``source``: a run directory, a checkpoint folder or another export. The frozen encoder's weights
+    are included, so loading needs neither the encoder's package nor a download.
+    """
+    model_dir = resolve_model_dir(source)
+    predictor = Predictor(model_dir, device="cpu")
+    out = Path(out)
+    with _atomic_folder(out) as tmp:
+        _copy_model_files(model_dir, tmp)
+        if predictor.encoder is not None:
+            weights = {k: v.detach().cpu().contiguous() for k, v in predictor.encoder.state_dict().items()}
+            save_file(weights, str(tmp / ENCODER_WEIGHTS))
+            os.chmod(tmp / ENCODER_WEIGHTS, 0o644)
+        (tmp / "README.md").write_text(model_card(predictor, _scores(Path(source))), encoding="utf-8")
+    return out
+
+
+def _scores(source: Path) -> dict | None:
+    """The run's test scores when ``source`` is a run directory that was evaluated."""
+    path = source / "eval" / "scores.json"
+    return read_json(path, "scores") if path.is_file() else None
+
+
+def model_card(predictor: Predictor, scores: dict | None) -> str:
+    """A short README for the exported folder: what the model is, how to load it, its limits."""
+    info, cfg, d = predictor.describe(), predictor.cfg, predictor.cfg.data
+    data = (f"the built-in shapes world ({d.train_images} training images, seed {d.seed})"
+            if d.dataset == "shapes" else f"COCO-format captions from {d.captions or 'a user dataset'}")
+    score_lines = "\n".join(f"| {k} | {v} |" for k, v in (scores or {}).items())
+    scores_text = (f"Test split scores (beam {cfg.decode.beam_size}):\n\n| metric | value |\n|---|---|\n"
+                   f"{score_lines}\n" if scores else "No evaluation scores were recorded for this run.\n")
+    encoder = info["encoder"] + (" plus colour histograms" if info["colour_stats"] else "")
+    return f"""# attncap captioning model
+
+A Show, Attend and Tell captioner exported by attncap: {encoder} features on a
+{info['grid']}x{info['grid']} grid, a {info['decoder'].upper()} decoder (hidden size {info['hidden_dim']})
+with attention, and a vocabulary of {info['vocab_size']} words.
+
+Trained on {data}. It can only describe what such data contains; on other pictures its
+captions are fluent guesses, not descriptions.
+
+## Use
+
+```python
+import attncap
+from attncap.images import load_image
+
+captioner = attncap.load("path/to/this/folder")
+best = captioner.caption([load_image("picture.jpg")], beam_size={cfg.decode.beam_size})[0][0]
+print(best.caption, best.score)   # best.attention: one (g, g) map per word
+```
+
+or `attncap serve THIS_FOLDER` for the web page and HTTP API.
+
+## Files
+
+| file | what |
+|---|---|
+| model.safetensors | decoder weights (projection, attention, recurrent cell, output layers) |
+| encoder.safetensors | frozen image encoder weights (a trainable encoder is in model.safetensors) |
+| config.json | the run config, vocabulary size, feature size and encoder description |
+| vocab.json | the word list; a word's id is its position |
+
+Everything is safetensors or JSON: loading runs no code from the files.
+
+{scores_text}"""
+
+
+# --- ONNX ----------------------------------------------------------------------------------------
+
+class _EncodeGraph(nn.Module):
+    """features (B, R, D) -> regions (B, R, P), keys (B, R, A), h (B, H), c (B, H) or (B, 0)."""
+
+    def __init__(self, model: Captioner):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor):
+        memory = self.model.encode(features)
+        state = self.model.init_state(memory)
+        return memory.regions, memory.keys, state.h, state.c
+
+
+class _StepGraph(nn.Module):
+    """words (B,), h, c, regions, keys -> log_probs (B, V), alpha (B, R), h_next, c_next."""
+
+    def __init__(self, model: Captioner):
+        super().__init__()
+        self.model = model
+
+    def forward(self, words, h, c, regions, keys):
+        log_probs, alpha, state = self.model.step(Memory(regions, keys), State(h, c), words)
+        # A GRU passes c through unchanged; an output that is an input would lose one of the names.
+        return log_probs, alpha, state.h, state.c.clone()
+
+
+STEP_INPUTS = ["words", "h", "c", "regions", "keys"]
+STEP_OUTPUTS = ["log_probs", "alpha", "h_next", "c_next"]
+ENCODE_OUTPUTS = ["regions", "keys", "h", "c"]
+
+
+def _example_input(model: Captioner, info: dict, batch: int) -> tuple[str, torch.Tensor]:
+    """What encode.onnx takes: cached features, or uint8 pixels when the encoder is trainable."""
+    if info["trainable"]:
+        size = info["image_size"]
+        return "pixels", torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    grid = info["grid"]
+    return "features", torch.rand(batch, grid * grid, model.feature_dim) * 4  # (B, R, D)
+
+
+def _export_graph(module: nn.Module, args: tuple, names: list[str], outputs: list[str],
+                  path: Path) -> None:
+    """torch.onnx.export (the torch.export based exporter) with every input's first axis dynamic."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dynamic = tuple({0: batch} for _ in names)  # by position: input names need not match forward()'s
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on axis renaming and deprecations
+        torch.onnx.export(module.eval(), args, str(path), input_names=names, output_names=outputs,
+                          dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True, verbose=False,
+                          external_data=False, optimize=False)  # ONNX Runtime optimises on load
+
+
+def export_onnx(source: str | Path, out: str | Path) -> Path:
+    """Write ``encode.onnx``, ``step.onnx``, ``onnx.json`` (the interface), ``config.json``,
+    ``vocab.json`` and ``README.md`` into ``out``."""
+    model_dir = resolve_model_dir(source)
+    model, vocab, cfg, info = load_model(model_dir, "cpu")  # the frozen CNN is not exported
+    out = Path(out)
+    name, example = _example_input(model, info, batch=2)
+    with _atomic_folder(out) as tmp, torch.no_grad():
+        _export_graph(_EncodeGraph(model), (example,), [name], ENCODE_OUTPUTS, tmp / "encode.onnx")
+        memory = model.encode(example)
+        state = model.init_state(memory)
+        words = torch.full((2,), vocab.start, dtype=torch.long)
+        _export_graph(_StepGraph(model), (words, state.h, state.c, *memory), STEP_INPUTS,
+                      STEP_OUTPUTS, tmp / "step.onnx")
+        _copy_model_files(model_dir, tmp, ("config.json", "vocab.json"))  # the graphs hold the weights
+        interface = onnx_interface(vocab, cfg, info, name)
+        write_json(tmp / "onnx.json", interface)
+        (tmp / "README.md").write_text(_onnx_card(interface), encoding="utf-8")
+    return out
+
+
+def onnx_interface(vocab: Vocab, cfg: RunConfig, info: dict, input_name: str) -> dict:
+    """What a runtime needs to drive the two graphs: names, shapes, special ids and decoding defaults."""
+    d = cfg.decode
+    return {
+        "encode": {"inputs": {input_name: "float32 (B, R, D)" if input_name == "features"
+                              else "uint8 (B, 3, S, S)"},
+                   "outputs": {"regions": "(B, R, P)", "keys": "(B, R, A)", "h": "(B, H)",
+                               "c": "(B, H) for an LSTM, (B, 0) for a GRU"}},
+        "step": {"inputs": {"words": "int64 (B,) previous word ids, <start> first", "h": "(B, H)",
+                            "c": "(B, H) or (B, 0)", "regions": "(B, R, P)", "keys": "(B, R, A)"},
+                 "outputs": {"log_probs": "(B, V) log-probabilities of the next word",
+                             "alpha": "(B, R) attention over the regions",
+                             "h_next": "(B, H)", "c_next": "(B, H) or (B, 0)"}},
+        "special_ids": {"pad": vocab.pad, "start": vocab.start, "end": vocab.end, "unk": vocab.unk},
+        "mask_before_choosing": ["pad", "start"],
+        "decode": {"beam_size": d.beam_size, "max_len": d.max_len, "length_penalty": d.length_penalty},
+        "encoder": {k: info[k] for k in ("name", "image_size", "grid", "dim", "trainable", "precision")
+                    if k in info},
+        "opset": OPSET,
+    }
+
+
+def _onnx_card(interface: dict) -> str:
+    spec = json.dumps(interface["special_ids"])
+    return f"""# attncap captioning model (ONNX)
+
+`encode.onnx` turns encoder features into the decoder's memory and initial state; `step.onnx`
+advances every caption of a batch by one word. Greedy decoding:
+
+1. `regions, keys, h, c = encode(features)`; `words = [start] * B`
+2. repeat up to `max_len`: `log_probs, alpha, h, c = step(words, h, c, regions, keys)`; set the
+   `pad` and `start` columns of `log_probs` to -inf; `words = argmax(log_probs)`; stop a caption at `end`.
+
+Beam search keeps K rows per image and reorders `h`, `c`, `regions`, `keys` by the surviving
+beams. Special ids: {spec}. `vocab.json` maps ids to words, `onnx.json` lists every input and
+output, `config.json` names the image encoder ({interface['encoder']['name']}) whose features the
+graphs expect.
+"""
+
+
+FORMATS: dict[str, Callable[[str | Path, str | Path], Path]] = {"folder": export_folder,
+                                                               "onnx": export_onnx}
+
+
+def export_model(source: str | Path, out: str | Path, fmt: str) -> Path:
+    """Export ``source`` (run directory, checkpoint or model folder) to ``out`` in format ``fmt``."""
+    if fmt not in FORMATS:
+        raise AttncapError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if Path(out).resolve() == resolve_model_dir(source).resolve():
+        raise AttncapError(f"export output {out} is the model being exported; choose another folder")
+    return FORMATS[fmt](source, out)

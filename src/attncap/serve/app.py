@@ -1,0 +1,238 @@
+"""The HTTP API and web page: ``create_app(predictor)`` returns a FastAPI app.
+
+``POST /caption`` takes an image (multipart field ``image``, or the raw bytes as the body) and
+returns the caption, the n-best list with scores, one attention grid per word and timings.
+``GET /health`` says the model is loaded; ``GET /`` is the web page, ``/docs`` the OpenAPI docs
+(assets served locally, like the page's: nothing is fetched from a CDN).
+
+Every refused request gets a 4xx with a JSON body ``{"error": "..."}`` that says what to fix;
+the server keeps serving. Bodies over the upload limit are refused from their Content-Length
+before anything is read, or as soon as the streamed bytes pass the limit; pixel bombs are refused
+from the image header (:func:`attncap.images.decode_image`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from ..errors import AttncapError
+from ..images import DEFAULT_MAX_PIXELS, decode_image
+from ..predict import Prediction, Predictor
+from .batching import MicroBatcher
+
+STATIC = Path(__file__).parent / "static"
+FIELD = "image"
+MAX_BEAM, MAX_LEN = 10, 100
+PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+               "connect-src 'self'; object-src 'none'; base-uri 'none'")
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """Request limits and batching settings (the ``attncap serve`` flags)."""
+
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_batch: int = 16
+    max_wait_ms: float = 5.0
+    max_queue: int = 256
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    beam_size: int
+    n_best: int
+    max_len: int
+
+
+class Alternative(BaseModel):
+    caption: str
+    score: float
+
+
+class CaptionResponse(BaseModel):
+    caption: str
+    words: list[str]
+    score: float
+    attention: list[list[list[float]]]  # one (g, g) grid per word
+    grid: int
+    n_best: list[Alternative]
+    image: dict[str, int]
+    options: dict[str, int]
+    timings: dict[str, float]
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for request bodies over ``max_bytes``, without buffering them first."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await _error(413, self._message(int(declared)))(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:  # a chunked upload without Content-Length
+                raise HTTPException(413, self._message(seen, streamed=True))
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _message(self, size: int, streamed: bool = False) -> str:
+        got = f"more than {size}" if streamed else f"{size}"
+        return (f"upload too large: {got} bytes, the limit is {self.max_bytes} "
+                "(attncap serve --max-upload-mb raises it)")
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = []
+    for e in exc.errors():
+        where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("query", "body"))
+        parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else str(e.get("msg")))
+    return _error(422, "; ".join(parts) or "invalid request")
+
+
+async def _user_error(request: Request, exc: AttncapError) -> JSONResponse:
+    return _error(400, str(exc))
+
+
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    await app.state.batcher.start()
+    try:
+        yield
+    finally:
+        await app.state.batcher.stop()
+
+
+def create_app(predictor: Predictor, limits: ServeLimits = ServeLimits()) -> FastAPI:
+    """The API and web page around one loaded model; batching starts with the app's lifespan."""
+    app = FastAPIOffline(title="attncap", version=__version__, lifespan=_lifespan,
+                         description="Image captioning with attention (Show, Attend and Tell). "
+                                     "POST an image to /caption; the web page is at /.")
+    app.state.predictor, app.state.limits = predictor, limits
+    app.state.batcher = MicroBatcher(lambda images, o: predictor.caption(images, o.beam_size, o.n_best,
+                                                                         o.max_len),
+                                     limits.max_batch, limits.max_wait_ms, limits.max_queue)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(AttncapError, _user_error)
+    app.add_exception_handler(Exception, _server_error)
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+router = APIRouter()
+
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": [FIELD], "properties": {
+        FIELD: {"type": "string", "format": "binary"}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    "image/*": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
+
+
+@router.get("/health")
+async def health(request: Request) -> dict:
+    """The model is loaded and the batching worker runs; queue and batch counters."""
+    state = request.app.state
+    return {"status": "ok", "model": state.predictor.describe(), "waiting": state.batcher.waiting,
+            "batches": state.batcher.batches, "served": state.batcher.served,
+            "limits": {"max_upload_bytes": state.limits.max_upload_bytes,
+                       "max_pixels": state.limits.max_pixels, "max_batch": state.limits.max_batch}}
+
+
+@router.post("/caption", response_model=CaptionResponse, openapi_extra=UPLOAD_BODY,
+             responses={400: {"description": "not a readable image, or no image sent"},
+                        413: {"description": "upload over the size limit"},
+                        422: {"description": "invalid options"},
+                        503: {"description": "too many requests waiting"}})
+async def caption(request: Request,
+                  beam_size: int | None = Query(None, ge=1, le=MAX_BEAM, description="default: the model's"),
+                  n_best: int = Query(1, ge=1, le=MAX_BEAM, description="alternatives to return"),
+                  max_len: int | None = Query(None, ge=1, le=MAX_LEN, description="words at most")) -> dict:
+    """Caption one image: multipart field ``image``, or the image bytes as the request body."""
+    started = time.perf_counter()
+    state = request.app.state
+    d = state.predictor.cfg.decode
+    options = CaptionOptions(beam_size or d.beam_size, n_best, max_len or d.max_len)
+    if options.n_best > options.beam_size:
+        raise HTTPException(422, f"n_best ({n_best}) cannot exceed beam_size ({options.beam_size})")
+    data, name = await _read_upload(request)
+    read = time.perf_counter()
+    image = await asyncio.to_thread(decode_image, data, name, state.limits.max_pixels)
+    decoded = time.perf_counter()
+    preds, batch = await state.batcher.submit(image, options)
+    timings = {"read_ms": (read - started) * 1e3, "decode_image_ms": (decoded - read) * 1e3,
+               "queue_ms": batch.queue_ms, "model_ms": batch.model_ms, "batch_size": batch.batch_size,
+               "total_ms": (time.perf_counter() - started) * 1e3}
+    return _response(preds, image.size, options, timings, state.predictor.info["grid"])
+
+
+async def _read_upload(request: Request) -> tuple[bytes, str]:
+    """The uploaded bytes and a name for error messages; multipart or raw body."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        async with request.form(max_files=1, max_fields=16) as form:
+            upload = form.get(FIELD)
+            if upload is None or isinstance(upload, str):
+                sent = ", ".join(repr(k) for k in form.keys()) or "none"
+                raise HTTPException(400, f"no file in form field '{FIELD}' (fields sent: {sent}); "
+                                         f"send the picture as {FIELD}=@picture.jpg")
+            data, name = await upload.read(), (upload.filename or "<upload>")[:120]
+    else:
+        data, name = await request.body(), "<request body>"
+    if not data:
+        raise HTTPException(400, f"empty upload: send an image, as multipart field '{FIELD}' or "
+                                 "as the raw request body")
+    return data, name
+
+
+def _response(preds: list[Prediction], size: tuple[int, int], options: CaptionOptions,
+              timings: dict, grid: int) -> dict:
+    best = preds[0]
+    return {"caption": best.caption, "words": best.words, "score": round(float(best.score), 4),
+            "attention": np.round(best.attention.astype(np.float64), 4).tolist(), "grid": grid,
+            "n_best": [{"caption": p.caption, "score": round(float(p.score), 4)} for p in preds],
+            "image": {"width": size[0], "height": size[1]}, "options": options.__dict__,
+            "timings": {k: round(float(v), 2) for k, v in timings.items()}}
