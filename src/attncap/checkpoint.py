@@ -14,9 +14,6 @@ and swapped in, so a crash leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from . import config as config_lib
 from .encoders import build_encoder
 from .errors import AttncapError
-from .files import read_json, write_json
+from .files import atomic_folder, read_json, write_json
 from .model import Captioner
 from .vocab import Vocab
 
@@ -36,9 +33,7 @@ def save_checkpoint(path: str | Path, model: Captioner, vocab: Vocab, cfg: confi
                     encoder: dict, state: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint folder atomically (see module docstring)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"))
         write_json(tmp / "config.json", {"run": config_lib.to_dict(cfg), "vocab_size": len(vocab),
@@ -46,13 +41,6 @@ def save_checkpoint(path: str | Path, model: Captioner, vocab: Vocab, cfg: confi
         vocab.save(tmp / "vocab.json")
         if state is not None:
             torch.save(state, tmp / "state.pt")
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

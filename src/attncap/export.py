@@ -18,14 +18,12 @@ nothing half-written.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -34,29 +32,12 @@ from torch import nn
 from .checkpoint import load_model
 from .config import RunConfig
 from .errors import AttncapError
-from .files import read_json, write_json
+from .files import atomic_folder, read_json, write_json
 from .model import Captioner, Memory, State
 from .vocab import Vocab
 from .predict import ENCODER_WEIGHTS, Predictor, resolve_model_dir
 
 OPSET = 18
-
-
-@contextlib.contextmanager
-def _atomic_folder(path: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``path``; swap it in for ``path`` if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; an export is for sharing
-    try:
-        yield tmp
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _copy_model_files(source: Path, dest: Path,
@@ -76,7 +57,7 @@ def export_folder(source: str | Path, out: str | Path) -> Path:
     model_dir = resolve_model_dir(source)
     predictor = Predictor(model_dir, device="cpu")
     out = Path(out)
-    with _atomic_folder(out) as tmp:
+    with atomic_folder(out) as tmp:
         _copy_model_files(model_dir, tmp)
         if predictor.encoder is not None:
             weights = {k: v.detach().cpu().contiguous() for k, v in predictor.encoder.state_dict().items()}
@@ -198,7 +179,7 @@ def export_onnx(source: str | Path, out: str | Path) -> Path:
     model, vocab, cfg, info = load_model(model_dir, "cpu")  # the frozen CNN is not exported
     out = Path(out)
     name, example = _example_input(model, info, batch=2)
-    with _atomic_folder(out) as tmp, torch.no_grad():
+    with atomic_folder(out) as tmp, torch.no_grad():
         _export_graph(_EncodeGraph(model), (example,), [name], ENCODE_OUTPUTS, tmp / "encode.onnx")
         memory = model.encode(example)
         state = model.init_state(memory)
