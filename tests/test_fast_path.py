@@ -17,7 +17,8 @@ DIMS = dict(embed_dim=8, proj_dim=12, attention_dim=10, hidden_dim=16, fc_dim=9)
 VARIANTS = {
     "seed_gru": dict(decoder="gru"),
     "paper_lstm": dict(decoder="lstm", init_from_features=True, gate=True, alpha_c=1.0),
-    "gru_with_gate": dict(decoder="gru", init_from_features=True, gate=True, alpha_c=0.5),
+    "gru_gate_positions": dict(decoder="gru", init_from_features=True, gate=True, alpha_c=0.5,
+                               region_positions=True),
 }
 
 
@@ -26,7 +27,11 @@ def reference_forward(m: Captioner, features, inputs):
     c = m.cfg
     A, G, H = c.attention_dim, m.word_gates.out_features, c.hidden_dim
     W, b = m.hidden.weight, m.hidden.bias
-    regions = F.relu(features @ m.project.weight.t() + m.project.bias)         # (B, R, P)
+    regions = features @ m.project.weight.t() + m.project.bias                  # (B, R, P)
+    if c.region_positions:  # cell centres of the 2x2 grid, row by row
+        xy = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]])
+        regions = regions + xy @ m.position.weight.t()
+    regions = F.relu(regions)
     keys = regions @ m.attention.key.weight.t() + m.attention.key.bias          # (B, R, A)
     mean = regions.mean(1)
     h = torch.tanh(m.init_h(mean)) if c.init_from_features else regions.new_zeros(len(inputs), H)
@@ -66,7 +71,7 @@ def reference_loss(m: Captioner, features, inputs, targets):
     return loss, logits
 
 
-def random_batch(B=6, T=7, R=5, D=6, V=20, seed=0):
+def random_batch(B=6, T=7, R=4, D=6, V=20, seed=0):
     """Captions of different lengths, deliberately not sorted by length."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.tensor([3, 7, 1, 5, 7, 2])[:B]

@@ -95,3 +95,16 @@ def test_loss_ignores_padding_and_regularises_attention():
 def test_unknown_decoder_is_a_clear_error():
     with pytest.raises(AttncapError, match="model.decoder"):
         Captioner(ModelConfig(decoder="transformer"), 10, 4)
+
+
+def test_region_positions_say_where_each_cell_is():
+    from attncap.model import grid_positions
+    xy = grid_positions(9)
+    assert xy.shape == (9, 2)
+    assert xy[0].tolist() == [-1.0, -1.0] and xy[2].tolist() == [1.0, -1.0] and xy[8].tolist() == [1.0, 1.0]
+    model = make("gru", region_positions=True)
+    feats = torch.zeros(1, 9, 6)  # identical content everywhere: only the position tells cells apart
+    regions = model.encode(feats).regions[0]
+    assert not torch.allclose(regions[0], regions[8])
+    with pytest.raises(AttncapError, match="square grid"):
+        model.encode(torch.zeros(1, 7, 6))

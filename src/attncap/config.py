@@ -63,6 +63,7 @@ class ModelConfig:
     gate: bool = False               # gating scalar beta on the context vector (paper)
     dropout: float = 0.0             # before the output layers (paper: 0.5)
     alpha_c: float = 0.0             # doubly stochastic attention weight lambda (paper: 1.0)
+    region_positions: bool = False   # add a learned projection of each region's (x, y) (demo: on)
 
 
 @dataclass(frozen=True)

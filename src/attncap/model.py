@@ -13,6 +13,7 @@ V vocabulary, T caption steps, G gates per cell (3 for GRU, 4 for LSTM).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -89,6 +90,16 @@ class BahdanauAttention(nn.Module):
         return context, alpha
 
 
+def grid_positions(regions: int, device: torch.device | None = None) -> torch.Tensor:
+    """(x, y) in [-1, 1] of each cell of a square grid, row by row: (R, 2)."""
+    g = math.isqrt(regions)
+    if g * g != regions:
+        raise AttncapError(f"model.region_positions needs a square grid of regions, got {regions}")
+    axis = torch.linspace(-1.0, 1.0, g, device=device) if g > 1 else torch.zeros(1, device=device)
+    y, x = torch.meshgrid(axis, axis, indexing="ij")
+    return torch.stack([x.reshape(-1), y.reshape(-1)], 1)
+
+
 class Captioner(nn.Module):
     """Encoder regions -> words, one attention map per word.
 
@@ -105,6 +116,9 @@ class Captioner(nn.Module):
         P, H, A, G = cfg.proj_dim, cfg.hidden_dim, cfg.attention_dim, DECODERS[cfg.decoder] * cfg.hidden_dim
         self.encoder = encoder  # trainable CNN over pixels, or None for cached features
         self.project = nn.Linear(feature_dim, P)
+        # Where each region is: its grid cell's (x, y) in [-1, 1], projected like the features.
+        # The context vector alone says what the decoder looks at, not where it is.
+        self.position = nn.Linear(2, P, bias=False) if cfg.region_positions else None
         self.embed = nn.Embedding(vocab_size, cfg.embed_dim, padding_idx=0)
         self.attention = BahdanauAttention(P, A)
         # The cell's input is [embedding; context]; its weight is split in two so that the
@@ -126,7 +140,10 @@ class Captioner(nn.Module):
         """Encoder features (B, R, D) (or pixels (B, 3, S, S) with a trainable encoder) -> Memory."""
         if self.encoder is not None:
             features = self.encoder(features)                       # (B, R, D)
-        regions = F.relu(self.project(features.float()))            # (B, R, P)
+        regions = self.project(features.float())                    # (B, R, P)
+        if self.position is not None:
+            regions = regions + self.position(grid_positions(regions.shape[1], regions.device))
+        regions = F.relu(regions)
         return Memory(regions, self.attention.keys(regions))        # keys (B, R, A)
 
     def init_state(self, memory: Memory) -> State:
