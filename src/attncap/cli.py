@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         _knobs(p, *knobs)
         if name == "features":
             p.add_argument("--verify", action="store_true", help="check the store against its manifest")
-        if name == "train":
-            p.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+        if name in ("train", "demo"):
+            p.add_argument("--no-resume", action="store_true", help="start training over instead of resuming")
         if name == "evaluate":
             p.add_argument("--split", default="test", choices=["train", "val", "test"])
             p.add_argument("--beams", metavar="K,K,...", help="score several settings, e.g. 1,3,5 "
@@ -174,7 +174,8 @@ def _print_scores(scores: dict, run: str) -> None:
 def cmd_demo(args) -> int:
     from .pipeline import demo
 
-    _print_scores(demo(args.run, _config(args), progress=not args.quiet), args.run)
+    _print_scores(demo(args.run, _config(args), progress=not args.quiet, resume=not args.no_resume),
+                  args.run)
     return 0
 
 

@@ -106,12 +106,12 @@ def demo_config(run_dir: str | Path, config_file: str | None = None,
     return run_config(run_dir, config_file, overrides, base=preset)
 
 
-def demo(run_dir: str | Path, cfg: RunConfig, progress: bool = True) -> dict[str, float]:
+def demo(run_dir: str | Path, cfg: RunConfig, progress: bool = True, resume: bool = True) -> dict[str, float]:
     """Every stage on the configured data (see :func:`demo_config`); returns the test scores."""
     timings = {}
     for name, stage in (("prepare", lambda: prepare_stage(run_dir, cfg, progress)),
                         ("features", lambda: features_stage(run_dir, cfg, progress)),
-                        ("train", lambda: train_stage(run_dir, cfg, progress=progress)),
+                        ("train", lambda: train_stage(run_dir, cfg, resume, progress)),
                         ("evaluate", lambda: evaluate_run(run_dir, cfg.decode, progress=progress))):
         started = time.time()
         if progress:

@@ -230,7 +230,11 @@ def _seed_rank(cfg: RunConfig, dist: Dist) -> None:
 
 def _restore(ckpt: Path, model, optimizer, scheduler, cfg: RunConfig, dist: Dist) -> TrainState:
     saved = load_state(ckpt)
-    resumed, _, ckpt_cfg, _ = load_model(ckpt)
+    try:
+        resumed, _, ckpt_cfg, _ = load_model(ckpt)
+    except AttncapError as exc:  # e.g. written by an older attncap whose model had other layers
+        raise AttncapError(f"cannot resume from {ckpt}: {exc}; pass --no-resume to start over, or use "
+                           "a new --run directory") from None
     if ckpt_cfg.model != model.cfg or resumed.vocab_size != model.vocab_size \
             or resumed.feature_dim != model.feature_dim:
         raise AttncapError(f"checkpoint {ckpt} was trained with another model, vocabulary or encoder; "
