@@ -28,24 +28,18 @@ POOL_BATCHES = 50  # batches per sorting pool: large enough to bucket, small eno
 @dataclass
 class Batch:
     features: torch.Tensor  # (B, R, D) float16 regions, or (B, 3, S, S) uint8 pixels
-    tokens: torch.Tensor    # (B, T+1) <start> w1 .. wn <end> <pad>...
+    inputs: torch.Tensor    # (B, T) <start> w1 .. wn <pad>... (see teacher_forcing)
+    targets: torch.Tensor   # (B, T) w1 .. wn <end> <pad>...
     image_ids: list[int]
 
-    @property
-    def inputs(self) -> torch.Tensor:
-        return teacher_forcing(self.tokens)[0]
-
-    @property
-    def targets(self) -> torch.Tensor:
-        return teacher_forcing(self.tokens)[1]
-
     def to(self, device: torch.device) -> "Batch":
-        return Batch(self.features.to(device, non_blocking=True), self.tokens.to(device, non_blocking=True),
-                     self.image_ids)
+        return Batch(self.features.to(device, non_blocking=True), self.inputs.to(device, non_blocking=True),
+                     self.targets.to(device, non_blocking=True), self.image_ids)
 
     def pin(self) -> "Batch":
         """In page-locked memory, so that the copy to the GPU runs asynchronously."""
-        return Batch(self.features.pin_memory(), self.tokens.pin_memory(), self.image_ids)
+        return Batch(self.features.pin_memory(), self.inputs.pin_memory(), self.targets.pin_memory(),
+                     self.image_ids)
 
 
 def prefetch(items: Iterable[T], load: Callable[[T], U], depth: int = 2) -> Iterator[U]:
@@ -129,7 +123,8 @@ class CaptionSplit:
         tokens = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
         for k, s in enumerate(seqs):
             tokens[k, : len(s)] = torch.tensor(s)
-        return Batch(self.features(pairs[:, 0]), tokens, [self.image_ids[i] for i in pairs[:, 0]])
+        return Batch(self.features(pairs[:, 0]), *teacher_forcing(tokens),
+                     [self.image_ids[i] for i in pairs[:, 0]])
 
     def image_batches(self, batch_size: int):
         """Yield (image ids, features) over every image once, in order (for decoding)."""
