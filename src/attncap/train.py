@@ -297,15 +297,15 @@ def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, t
     else:
         state = TrainState()
         _seed_rank(cfg, dist)
+    bf16 = _bf16(cfg.train.precision, dist.device)
     if dist.is_main:
         where = f"; resuming epoch {state.epoch + 1} after batch {state.batch_in_epoch}" if state.step else ""
         print(f"training: {dist.world_size} process(es) ({dist.backend or 'no process group'}, "
               f"{dist.device}), global batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, "
-              f"{'bf16 autocast' if _bf16(cfg.train.precision, dist.device) else 'float32'}, "
+              f"{'bf16 autocast' if bf16 else 'float32'}, "
               f"{per_epoch} steps per epoch{where}", flush=True)
     log = MetricsLog(run_dir / "train", state.step) if dist.is_main else None
-    return Trainer(cfg, model, dist.wrap(model), optimizer, scheduler, state, dist, stop, log, progress,
-                   _bf16(cfg.train.precision, dist.device))
+    return Trainer(cfg, model, dist.wrap(model), optimizer, scheduler, state, dist, stop, log, progress, bf16)
 
 
 def _bf16(precision: str, device: torch.device) -> bool:
