@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 import zipfile
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -138,6 +139,8 @@ class ZipServer:
 
     ``drop_first``: names whose first response sends half the bytes, then closes the connection.
     ``ignore_range``: answer every request with 200 and the whole file.
+    ``no_length``: send no Content-Length; the body ends when the connection closes (HTTP/1.0).
+    ``throttle``: seconds to wait before each 16 KiB of a body (a slow link, for kills mid-transfer).
     """
 
     def __init__(self, files: dict[str, bytes]):
@@ -145,6 +148,8 @@ class ZipServer:
         self.requests: list[tuple[str, str | None]] = []
         self.drop_first: set[str] = set()
         self.ignore_range = False
+        self.no_length = False
+        self.throttle = 0.0
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
 
@@ -192,13 +197,25 @@ def _handler(server: ZipServer):
             else:
                 self.send_response(200)
             body = data[start:]
-            self.send_header("Content-Length", str(len(body)))
+            if not server.no_length:
+                self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if name in server.drop_first:
                 server.drop_first.discard(name)
                 self.wfile.write(body[: len(body) // 2])
                 self.close_connection = True
                 return
-            self.wfile.write(body)
+            self._send(body)
+
+        def _send(self, body: bytes) -> None:
+            if not server.throttle:
+                self.wfile.write(body)
+                return
+            try:
+                for k in range(0, len(body), 1 << 14):
+                    time.sleep(server.throttle)
+                    self.wfile.write(body[k: k + (1 << 14)])
+            except (BrokenPipeError, ConnectionResetError):  # the client was killed mid-transfer
+                self.close_connection = True
 
     return Handler

@@ -1,14 +1,17 @@
 """`attncap data coco2014` against a real HTTP server on 127.0.0.1: fresh, resumed, corrupt, reused."""
 
+import dataclasses
 import hashlib
 import io
+import json
 import socket
 import zipfile
 
 import pytest
 
 from attncap.cli import main
-from attncap.data.coco import MARKER, download, extract, fetch_coco2014
+from attncap.data.coco import ANNOTATIONS2014, MARKER, download, extract, fetch_coco2014
+from attncap.data.coco import fetch as fetch_one
 from attncap.errors import AttncapError
 from coco_fixture import ZipServer, corrupt
 
@@ -46,12 +49,13 @@ def test_fresh_download_extracts_everything_and_a_second_run_requests_nothing(mi
         before = len(server.requests)
         fetch(tmp_path, server)
         assert len(server.requests) == before  # complete folders are reused, nothing is fetched
-        # A folder without its marker (an extraction cut short) is redone from the kept zip.
+        # A folder without its marker is checked against the kept zip; files not in it stay.
         (tmp_path / "val2014" / MARKER).unlink()
         (tmp_path / "val2014" / "stray.jpg").write_bytes(b"half")
         fetch(tmp_path, server)
         assert len(server.requests) == before
-        assert not (tmp_path / "val2014" / "stray.jpg").exists() and (tmp_path / "val2014" / MARKER).is_file()
+        assert (tmp_path / "val2014" / "stray.jpg").read_bytes() == b"half"
+        assert (tmp_path / "val2014" / MARKER).is_file()
 
 
 def test_dropped_connection_resumes_with_a_range_request(mini_coco, tmp_path):
@@ -136,3 +140,84 @@ def test_extract_refuses_unsafe_member_names(tmp_path):
     with pytest.raises(AttncapError, match="unsafe member name"):
         extract(bad, tmp_path / "out", progress=False)
     assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "out").exists()
+
+
+def user_annotations(root, mini):
+    """An annotations/ folder as a user may have it: COCO's train captions, instances and 2017 files."""
+    folder = root / "annotations"
+    folder.mkdir(parents=True)
+    (folder / "captions_train2014.json").write_bytes(
+        (mini.root / "annotations" / "captions_train2014.json").read_bytes())
+    (folder / "instances_train2014.json").write_text(json.dumps({"annotations": [1, 2, 3]}))
+    (folder / "captions_train2017.json").write_text('{"images": []}')
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_folder_without_marker_is_adopted_user_files_stay_and_only_missing_members_are_extracted(
+        mini_coco, tmp_path):
+    mine = user_annotations(tmp_path, mini_coco)
+    kept = tmp_path / "annotations" / "captions_train2014.json"
+    kept.touch()
+    stamp = kept.stat().st_mtime_ns
+    with ZipServer(mini_coco.zips) as server:
+        fetch(tmp_path, server, images=False)
+    folder = tmp_path / "annotations"
+    assert {n: (folder / n).read_bytes() for n in mine} == mine  # the old code deleted the folder
+    assert kept.stat().st_mtime_ns == stamp  # adopted as it was, not extracted again
+    assert (folder / "captions_val2014.json").read_bytes() == (
+        mini_coco.root / "annotations" / "captions_val2014.json").read_bytes()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*mine, "captions_val2014.json", MARKER])
+
+
+def test_a_member_name_with_another_size_is_an_error_and_the_file_is_left_alone(mini_coco, tmp_path, capsys):
+    folder = tmp_path / "annotations"
+    folder.mkdir()
+    (folder / "captions_val2014.json").write_text('{"mine": true}')
+    with ZipServer(mini_coco.zips) as server:
+        code = main(["data", "coco2014", "--root", str(tmp_path), "--mirror", server.url, "--no-checksums",
+                     "--no-images", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"{folder / 'captions_val2014.json'} is 14 bytes" in err and "move it away" in err
+    assert (folder / "captions_val2014.json").read_text() == '{"mine": true}'
+    assert not (folder / MARKER).exists() and not (folder / "captions_train2014.json").exists()
+
+
+def test_folder_holding_every_member_of_known_size_is_adopted_without_a_download(mini_coco, tmp_path):
+    sizes = tuple((f"captions_{s}.json", (mini_coco.root / "annotations" / f"captions_{s}.json").stat().st_size)
+                  for s in ("train2014", "val2014"))
+    known = dataclasses.replace(ANNOTATIONS2014, size=None, sha256=None, files=sizes)
+    mine = user_annotations(tmp_path, mini_coco)
+    val = tmp_path / "annotations" / "captions_val2014.json"
+    val.write_text("{}")
+    with ZipServer(mini_coco.zips) as server:
+        with pytest.raises(AttncapError, match=f"{val} is 2 bytes but annotations_trainval2014.zip holds"):
+            fetch_one(known, tmp_path, server.url, progress=False, **FAST)
+        assert server.requests == [] and val.read_text() == "{}"  # a conflict stops before the download
+        (tmp_path / "annotations" / "captions_val2014.json").write_bytes(
+            (mini_coco.root / "annotations" / "captions_val2014.json").read_bytes())
+        assert fetch_one(known, tmp_path, server.url, progress=False, **FAST) == tmp_path / "annotations"
+        assert server.requests == []
+    assert (tmp_path / "annotations" / MARKER).is_file() and not (tmp_path / "downloads").exists()
+    assert all((tmp_path / "annotations" / n).read_bytes() == b for n, b in mine.items())
+
+
+def test_server_without_content_length_is_resumed_not_deleted(mini_coco, tmp_path):
+    data = mini_coco.zips["val2014.zip"]
+    with ZipServer(mini_coco.zips) as server:
+        server.no_length = True  # HTTP/1.0 bodies that end when the connection closes
+        server.drop_first = {"val2014.zip", "train2014.zip"}
+        # The known size tells a short body from a whole one: resumed with Range, the 206 appended.
+        out = download(f"{server.url}/val2014.zip", tmp_path / "v.zip", len(data), progress=False, **FAST)
+        assert server.requested("val2014.zip") == [None, f"bytes={len(data) // 2}-"]
+        assert out.read_bytes() == data
+        # Without a known size (--no-checksums) a zip cut short lacks its end record: resumed too.
+        fetch(tmp_path / "root", server)
+        train = mini_coco.zips["train2014.zip"]
+        assert server.requested("train2014.zip") == [None, f"bytes={len(train) // 2}-"]
+        assert_extracted(tmp_path / "root", mini_coco)
+        # A part left by a killed run is completed from where it stops.
+        (tmp_path / "k.zip.part").write_bytes(data[:1000])
+        download(f"{server.url}/val2014.zip", tmp_path / "k.zip", len(data), progress=False, **FAST)
+        assert server.requested("val2014.zip")[-1] == "bytes=1000-"
+        assert (tmp_path / "k.zip").read_bytes() == data and not (tmp_path / "k.zip.part").exists()

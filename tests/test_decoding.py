@@ -1,8 +1,11 @@
 import numpy as np
+import pytest
 import torch
 
 from attncap.config import ModelConfig
-from attncap.decoding import beam_search, decode, greedy, sample
+from attncap.decoding import beam_search, decode, diagnose_captions, greedy, sample
+from attncap.errors import AttncapError
+from attncap.evaluate import warn_degenerate
 from attncap.model import Captioner
 
 START, END = 1, 2
@@ -85,3 +88,79 @@ def test_sampling_top_k_one_is_greedy_and_seeded_sampling_repeats():
     assert [c.tokens for c in a] == [c.tokens for c in b]
     for c in a:
         assert c.alphas.shape == (len(c.tokens), 6)
+
+
+def eager_to_end(seed=5, batch=4):
+    """A model for which <end> is by far the most likely word at every step, the first included."""
+    model, feats = model_and_feats(seed, batch)
+    with torch.no_grad():
+        model.fc2.bias[END] += 20.0
+    assert all(not c.tokens for c in greedy(model, feats, START, END, max_len=8, min_len=0))
+    return model, feats
+
+
+def test_end_cannot_come_before_min_len_in_greedy_beam_and_sampling():
+    model, feats = eager_to_end()
+    rng = torch.Generator().manual_seed(0)
+    for min_len in (1, 3):
+        results = {
+            "greedy": greedy(model, feats, START, END, max_len=8, min_len=min_len),
+            "beam": [h[0] for h in beam_search(model, feats, START, END, 3, 8, min_len=min_len)],
+            "decode": decode(model, feats, START, END, beam_size=2, max_len=8, min_len=min_len),
+            "sample": sample(model, feats, START, END, 8, generator=rng, min_len=min_len),
+        }
+        for name, caps in results.items():
+            assert [len(c.tokens) for c in caps] == [min_len] * len(feats), name  # then <end>, as forced
+            for b, c in enumerate(caps):
+                assert END not in c.tokens and START not in c.tokens and c.alphas.shape == (min_len, 6)
+                # the score is the model's own log-probability of the words and <end>, not renormalised
+                assert abs(c.score - teacher_forced_logprob(model, feats[b], c.tokens, True)) < 1e-3, name
+
+
+def test_default_min_len_is_one_and_beam_one_still_equals_greedy():
+    model, feats = eager_to_end()
+    assert all(len(c.tokens) == 1 for c in greedy(model, feats, START, END, max_len=8))
+    assert all(len(h[0].tokens) == 1 for h in beam_search(model, feats, START, END, 4, 8))
+    for min_len in (1, 4):
+        g = greedy(model, feats, START, END, max_len=8, min_len=min_len)
+        b = beam_search(model, feats, START, END, beam_size=1, max_len=8, min_len=min_len)
+        assert [c.tokens for c in g] == [h[0].tokens for h in b]
+        assert all(abs(x.score - y[0].score) < 1e-4 for x, y in zip(g, b))
+    forced = greedy(model, feats, START, END, max_len=5, min_len=5)  # never ends: exactly max_len
+    assert all(len(c.tokens) == 5 for c in forced)
+
+
+def test_min_len_beyond_max_len_is_a_clear_error():
+    model, feats = model_and_feats()
+    for call in (lambda: greedy(model, feats, START, END, max_len=3, min_len=4),
+                 lambda: beam_search(model, feats, START, END, 2, max_len=3, min_len=4),
+                 lambda: sample(model, feats, START, END, 0)):
+        with pytest.raises(AttncapError, match="min_len"):
+            call()
+
+
+HEALTHY = ["a red circle to the left of a blue square", "two green stars", "a small yellow box",
+           "from top to bottom a purple disk and a big orange diamond", "a tiny blue circle",
+           "three shapes a red star a green box and a blue disk"]
+
+
+@pytest.mark.parametrize("captions, expected", [
+    (HEALTHY, None),
+    (["two green stars"] * 3, None),                      # 3 images: too few to call them identical
+    (["", "a red circle", "", "a blue box"], "2 of 4 captions are empty"),
+    (HEALTHY[:2] + ["a red circle"] * 4, "4 of 6 captions are the same caption 'a red circle'"),
+    (["a a a a", "a red a a a", "a a red the", "the a a a a", "a a", "a the a red"] * 2,
+     "of all caption words are 'a', "),
+])
+def test_diagnose_captions(captions, expected):
+    found = diagnose_captions(captions)
+    assert (found is None) if expected is None else (expected in found), found
+
+
+def test_evaluate_warns_in_one_line_what_it_saw_and_what_to_do(capsys):
+    warn_degenerate({i: {"caption": "a red circle"} for i in range(5)}, "test")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: test captions") and "5 of 5" in err[0]
+    assert "train longer" in err[0] and "check the data" in err[0]
+    warn_degenerate({i: {"caption": c} for i, c in enumerate(HEALTHY)}, "test")
+    assert capsys.readouterr().err == ""

@@ -265,4 +265,4 @@ def test_cli_takes_the_separator_torchrun_needs(tmp_path, capsys):
     from attncap.cli import main
 
     assert main(["--", "train", "--run", str(tmp_path / "empty"), "--quiet"]) == 2  # parsed as `train`
-    assert "vocab" in capsys.readouterr().err
+    assert "no prepared data" in capsys.readouterr().err

@@ -99,7 +99,8 @@ def test_onnx_greedy_loop_gives_the_captions_of_attncap_greedy(predictor, sessio
 
 def test_model_folder_loads_back_and_captions_the_same(trained_run, exported, predictor, images):
     folder = exported["folder"]
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "encoder.safetensors",
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "attncap-export.json", "config.json",
+                                                      "encoder.safetensors",
                                                       "model.safetensors", "vocab.json"]  # no pickles
     original = load_file(str(trained_run / "checkpoints" / "best" / "model.safetensors"))
     copied = load_file(str(folder / "model.safetensors"))

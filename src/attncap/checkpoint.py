@@ -9,7 +9,8 @@ A checkpoint is a folder::
 
 ``state.pt`` holds only tensors, numbers and strings and is read with ``weights_only=True``,
 so loading a checkpoint never runs code from disk. Folders are written beside their final name
-and swapped in, so a crash leaves the previous checkpoint intact.
+and swapped in (:func:`attncap.files.atomic_folder`), so a crash leaves the previous checkpoint
+intact, and there is no moment at which ``checkpoints/latest`` is missing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from . import config as config_lib
 from .encoders import build_encoder
 from .errors import AttncapError
-from .files import atomic_folder, read_json, write_json
+from .files import atomic_folder, read_json, recover_folder, write_json
 from .model import Captioner
 from .vocab import Vocab
 
@@ -47,7 +48,7 @@ def save_checkpoint(path: str | Path, model: Captioner, vocab: Vocab, cfg: confi
 def load_model(path: str | Path, device: str | torch.device = "cpu"
                ) -> tuple[Captioner, Vocab, config_lib.RunConfig, dict]:
     """Rebuild the captioner from a checkpoint folder; returns (model in eval mode, vocab, config, encoder)."""
-    path = Path(path)
+    path = recover_folder(path)
     if not (path / "model.safetensors").is_file():
         raise AttncapError(f"no checkpoint in {path} (model.safetensors missing); train first")
     meta = read_json(path / "config.json", "checkpoint config")
@@ -78,7 +79,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"
 
 def load_state(path: str | Path) -> dict[str, Any]:
     """The training state of a checkpoint folder, read without unpickling code."""
-    file = Path(path) / "state.pt"
+    file = recover_folder(path) / "state.pt"
     if not file.is_file():
         raise AttncapError(f"checkpoint {path} has no training state (state.pt)")
     try:

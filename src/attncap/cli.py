@@ -133,6 +133,14 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="upload size limit (default 10)")
     p.add_argument("--max-pixels", type=int, default=None, help="decoded image size limit in pixels "
                    "(default 50000000)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a decode "
+                   "thread, and for the model, at most; past it a 503 with Retry-After (default 256)")
+    p.add_argument("--max-queue-mb", type=float, default=1024.0, help="memory held for waiting "
+                   "requests (uploads, decodes, model inputs); past it a 503 with Retry-After "
+                   "(default 1024)")
+    p.add_argument("--decode-workers", type=int, default=2, help="threads decoding uploads (default 2)")
+    p.add_argument("--upload-timeout", type=float, default=60.0,
+                   help="seconds an upload may take before a 408 (default 60)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no access log")
 
@@ -246,7 +254,7 @@ def cmd_caption(args) -> int:
 
     from . import load
     from .files import write_json
-    from .predict import caption_files, coco_image_ids, find_images
+    from .predict import caption_files, coco_image_ids, find_images, image_number
     from .report import attention_figure, attention_gif
 
     out, plot_dir = _caption_args(args)
@@ -277,6 +285,9 @@ def cmd_caption(args) -> int:
         write_json(out, [{"image_id": i, "caption": text, "file_name": str(path)}
                          for i, (path, text) in zip(ids, captioned)], indent=None)
         print(f"results: {out} ({len(captioned)} images, COCO results format)")
+        if captioned and all(image_number(path) is None for path, _ in captioned):
+            print("note: no file name holds a number, so each image_id is the file's position "
+                  "(1, 2, 3...), not a COCO id")
     return 2 if failed else 0
 
 
@@ -285,11 +296,11 @@ def cmd_serve(args) -> int:
     from .images import DEFAULT_MAX_PIXELS
     from .serve import ServeLimits, bind, create_app, run_server
 
-    if args.max_upload_mb <= 0 or args.max_batch < 1 or args.max_wait_ms < 0:
-        raise AttncapError("--max-upload-mb must be positive, --max-batch at least 1, --max-wait-ms >= 0")
     limits = ServeLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                          max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, max_batch=args.max_batch,
-                         max_wait_ms=args.max_wait_ms)
+                         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                         max_queued_bytes=int(args.max_queue_mb * 1024 * 1024),
+                         decode_workers=args.decode_workers, upload_timeout_s=args.upload_timeout)
     sock = bind(args.host, args.port)  # a busy port fails before the model is loaded
     try:
         app = create_app(load(args.model, args.device), limits)

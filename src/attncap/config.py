@@ -3,99 +3,199 @@
 One frozen dataclass per component. A run's config is a :class:`RunConfig` made of them; it is
 loaded from TOML/JSON files and overridden with ``section.key=value`` strings whose keys and types
 are checked, so a typo is an error instead of a silently ignored setting.
+
+Every setting carries its :class:`Rule` (range or choices) beside its default, and every section
+checks its values when it is built: from the command line, a config file or Python alike, a bad
+value is one :class:`AttncapError` line naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Iterator
 
 from .errors import AttncapError
 
+# Duplicated from encoders.ENCODERS and model.DECODERS (tests check they agree) so that reading a
+# config never imports torch.
+ENCODER_NAMES = ("inception_v3", "efficientnet_lite0", "resnet101", "small_cnn")
+DECODER_NAMES = ("gru", "lstm")
+PRECISIONS = ("fp32", "bf16", "auto")
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+KINDS = {"int": int, "float": float, "str": str, "bool": bool}  # field annotations are strings here
+
 
 @dataclass(frozen=True)
-class DataConfig:
+class Rule:
+    """What one setting accepts besides its type: a range (numbers) or a set of choices (strings)."""
+
+    lo: float | None = None       # smallest allowed value
+    hi: float | None = None       # largest allowed value
+    above: float | None = None    # values must be greater than this (exclusive lower bound)
+    below: float | None = None    # values must be less than this (exclusive upper bound)
+    choices: tuple[str, ...] = ()
+
+    def accepts(self, value: Any, kind: type) -> bool:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value) if abs(value) < 2**1023 else math.inf
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return False
+        if kind is str:
+            return not self.choices or value in self.choices
+        if kind is bool:
+            return True
+        return (math.isfinite(value)
+                and (self.lo is None or value >= self.lo) and (self.hi is None or value <= self.hi)
+                and (self.above is None or value > self.above)
+                and (self.below is None or value < self.below))
+
+    def describe(self, kind: type) -> str:
+        """The allowed values in words: "an integer from 1 to 50", "one of gru, lstm"."""
+        if kind is bool:
+            return "true or false"
+        if kind is str:
+            return f"one of {', '.join(self.choices)}" if self.choices else "a string"
+        noun = "an integer" if kind is int else "a number"
+        if self.lo is not None and self.hi is not None:
+            return f"{noun} from {_num(self.lo)} to {_num(self.hi)}"
+        if self.hi is None and self.below is None and kind is float:
+            noun = "a finite number"
+        bounds = [f"{op} {_num(x)}" for op, x in
+                  ((">=", self.lo), (">", self.above), ("<=", self.hi), ("<", self.below)) if x is not None]
+        return " ".join([noun, " and ".join(bounds)]).strip()
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def setting(default: Any, lo: float | None = None, hi: float | None = None, *, above: float | None = None,
+            below: float | None = None, choices: tuple[str, ...] = ()) -> Any:
+    """A dataclass field with its default and its :class:`Rule`."""
+    return field(default=default, metadata={"rule": Rule(lo, hi, above, below, choices)})
+
+
+def field_kind(f: dataclasses.Field) -> type:
+    return f.type if isinstance(f.type, type) else KINDS[f.type]
+
+
+class Section:
+    """Base of the section dataclasses: every value is checked against its rule when built."""
+
+    section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, kind, rule = getattr(self, f.name), field_kind(f), f.metadata["rule"]
+            if not rule.accepts(value, kind):
+                raise AttncapError(f"{self.section}.{f.name} must be {rule.describe(kind)}, got {value!r}")
+            if kind is float:
+                object.__setattr__(self, f.name, float(value))  # 1 from a file or Python means 1.0
+        for key, holds, allowed in self.relations():
+            if not holds:
+                raise AttncapError(f"{self.section}.{key} must be {allowed}, got {getattr(self, key)!r}")
+
+    def relations(self) -> Iterator[tuple[str, bool, str]]:
+        """Cross-field rules: (key, whether it holds, what is allowed)."""
+        return iter(())
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
     """Where images and captions come from, and how they become token ids."""
 
-    dataset: str = "shapes"          # "shapes" (built in) or "coco" (any COCO-format captions JSON)
-    captions: str = ""               # COCO captions JSON (dataset="coco")
-    images: str = ""                 # image folder the JSON's file_name entries are relative to
-    splits: str = ""                 # optional split file; otherwise a seeded split by image
-    train_images: int = 4000         # shapes-world size of the train split (dataset="shapes")
-    val_images: int = 500            # val/test sizes: shapes world, or a seeded split of COCO data
-    test_images: int = 500
-    shapes_image_size: int = 224
-    top_k: int = 20000               # keep the top_k most frequent words (the seed's knob)
-    min_count: int = 1               # and only words seen at least this often
-    num_examples: int = 0            # use only the first N training images; 0 = all (the seed's knob)
-    max_words: int = 40              # longer training captions are cut to this many words
-    seed: int = 0
+    section: ClassVar[str] = "data"
+    dataset: str = setting("shapes", choices=("shapes", "coco"))  # built in, or a COCO-format captions JSON
+    captions: str = setting("")        # COCO captions JSON (dataset="coco"); "" = unset
+    images: str = setting("")          # image folder the JSON's file_name entries are relative to
+    splits: str = setting("")          # optional split file; "" = a seeded split by image
+    train_images: int = setting(4000, 1, 1_000_000)  # shapes-world train split size (dataset="shapes")
+    val_images: int = setting(500, 1, 1_000_000)     # val/test sizes: shapes world, or seeded COCO split
+    test_images: int = setting(500, 1, 1_000_000)
+    shapes_image_size: int = setting(224, 64, 1024)  # pixels per side of a shapes-world image
+    top_k: int = setting(20000, 1, 1_000_000)        # keep the top_k most frequent words (the seed's knob)
+    min_count: int = setting(1, 1, 1_000_000)        # and only words seen at least this often
+    num_examples: int = setting(0, 0, 10_000_000)    # only the first N training images; 0 = all (seed's knob)
+    max_words: int = setting(40, 1, 500)             # longer training captions are cut to this many words
+    seed: int = setting(0, 0, SEED_MAX)
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(Section):
     """The CNN whose last conv grid the decoder attends over."""
 
-    name: str = "efficientnet_lite0"  # inception_v3 | efficientnet_lite0 | resnet101 | small_cnn
-    pretrained: bool = True           # False: random weights (only on explicit request)
-    colour_stats: bool = False        # append a per-cell colour histogram to each region vector
-    precision: str = "auto"           # fp32 | bf16 | auto (bf16 where the hardware is fast at it)
-    batch_size: int = 32              # images per extraction batch
-    workers: int = 2                  # JPEG decoding processes
+    section: ClassVar[str] = "encoder"
+    name: str = setting("efficientnet_lite0", choices=ENCODER_NAMES)
+    pretrained: bool = setting(True)        # False: random weights (only on explicit request)
+    colour_stats: bool = setting(False)     # append a per-cell colour histogram to each region vector
+    precision: str = setting("auto", choices=PRECISIONS)  # auto: bf16 where the hardware is fast at it
+    batch_size: int = setting(32, 1, 4096)  # images per extraction batch
+    workers: int = setting(2, 0, 256)       # JPEG decoding processes; 0 = decode in the main process
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     """The decoder. Defaults are the seed's network; ``decoder="lstm"`` and friends the paper's."""
 
-    decoder: str = "gru"             # gru (seed) | lstm (Show, Attend and Tell)
-    embed_dim: int = 256
-    proj_dim: int = 256              # FC + ReLU over each region
-    attention_dim: int = 512
-    hidden_dim: int = 512
-    fc_dim: int = 512                # fc1 before the vocabulary layer
-    init_from_features: bool = False  # initial state from the mean region (paper) instead of zeros (seed)
-    gate: bool = False               # gating scalar beta on the context vector (paper)
-    dropout: float = 0.0             # before the output layers (paper: 0.5)
-    alpha_c: float = 0.0             # doubly stochastic attention weight lambda (paper: 1.0)
-    region_positions: bool = False   # add a learned projection of each region's (x, y) (demo: on)
+    section: ClassVar[str] = "model"
+    decoder: str = setting("gru", choices=DECODER_NAMES)  # gru (seed) | lstm (Show, Attend and Tell)
+    embed_dim: int = setting(256, 1, 8192)
+    proj_dim: int = setting(256, 1, 8192)        # FC + ReLU over each region
+    attention_dim: int = setting(512, 1, 8192)
+    hidden_dim: int = setting(512, 1, 8192)
+    fc_dim: int = setting(512, 1, 8192)          # fc1 before the vocabulary layer
+    init_from_features: bool = setting(False)    # initial state from the mean region (paper), not zeros (seed)
+    gate: bool = setting(False)                  # gating scalar beta on the context vector (paper)
+    dropout: float = setting(0.0, 0.0, below=1.0)  # before the output layers (paper: 0.5)
+    alpha_c: float = setting(0.0, 0.0, 100.0)    # doubly stochastic attention lambda (paper: 1.0); 0 = off
+    region_positions: bool = setting(False)      # learned projection of each region's (x, y) (demo: on)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """The optimisation loop."""
 
-    epochs: int = 20                 # the seed's EPOCHS
-    batch_size: int = 32             # the seed's BATCH_SIZE
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.05       # cosine schedule ends at lr * min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 5.0
-    captions_per_image: int = 1      # captions drawn per image per epoch; 0 = every caption
-    patience: int = 4                # early stop after this many epochs without a better val CIDEr
-    max_minutes: float = 0.0         # stop after the epoch that crosses this budget; 0 = no budget
-    log_every: int = 25              # steps between train-loss log records
-    seed: int = 0
-    threads: int = 0                 # torch intra-op threads; 0 = cores / processes on this node
-    dist_timeout_minutes: float = 30.0  # torchrun: how long a rank waits for a dead or stuck peer
-    precision: str = "auto"          # fp32 | bf16 (autocast) | auto (bf16 on a GPU that supports it)
+    section: ClassVar[str] = "train"
+    epochs: int = setting(20, 1, 10_000)         # the seed's EPOCHS
+    batch_size: int = setting(32, 1, 8192)       # the seed's BATCH_SIZE
+    lr: float = setting(1e-3, above=0.0, hi=1.0)
+    min_lr_ratio: float = setting(0.05, 0.0, 1.0)  # cosine schedule ends at lr * min_lr_ratio
+    warmup_steps: int = setting(100, 0, 10_000_000)  # 0 = no warmup
+    weight_decay: float = setting(0.0, 0.0, 1.0)   # Adam's L2 penalty; 0 = none
+    grad_clip: float = setting(5.0, 0.0)           # gradient norm limit; 0 = no clipping
+    captions_per_image: int = setting(1, 0, 1000)  # captions drawn per image per epoch; 0 = every caption
+    patience: int = setting(4, 0, 10_000)          # early stop after this many epochs without a better val
+    #                                                CIDEr; 0 = no early stopping
+    max_minutes: float = setting(0.0, 0.0)         # stop after the epoch crossing this budget; 0 = no budget
+    log_every: int = setting(25, 1, 10_000_000)    # steps between train-loss log records
+    seed: int = setting(0, 0, SEED_MAX)
+    threads: int = setting(0, 0, 1024)             # torch intra-op threads; 0 = cores / processes on the node
+    dist_timeout_minutes: float = setting(30.0, above=0.0, hi=10080.0)  # torchrun: how long a rank waits for a
+    #                                                dead or stuck peer (at most a week)
+    precision: str = setting("auto", choices=PRECISIONS)  # bf16 = autocast; auto = bf16 on a GPU fast at it
 
 
 @dataclass(frozen=True)
-class DecodeConfig:
+class DecodeConfig(Section):
     """How captions are generated at evaluation and caption time."""
 
-    beam_size: int = 3
-    max_len: int = 30
-    length_penalty: float = 0.0      # score / length**length_penalty; 0 = raw log-probability
-    n_best: int = 1
-    eval_batch_size: int = 64
+    section: ClassVar[str] = "decode"
+    beam_size: int = setting(3, 1, 50)             # 1 = greedy
+    max_len: int = setting(30, 1, 500)             # words at most
+    min_len: int = setting(1, 1, 500)              # words at least: no <end> before (never an empty caption)
+    length_penalty: float = setting(0.0, 0.0, 5.0)  # score / length**length_penalty; 0 = raw log-probability
+    n_best: int = setting(1, 1, 50)                # captions kept per image, at most beam_size
+    eval_batch_size: int = setting(64, 1, 4096)    # images per decoding batch
+
+    def relations(self) -> Iterator[tuple[str, bool, str]]:
+        yield "n_best", self.n_best <= self.beam_size, f"<= decode.beam_size ({self.beam_size})"
+        yield "min_len", self.min_len <= self.max_len, f"<= decode.max_len ({self.max_len})"
 
 
 @dataclass(frozen=True)
@@ -114,52 +214,61 @@ def to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(cfg)
 
 
-def _coerce(section: str, key: str, value: Any, kind: type, from_text: bool) -> Any:
-    """Check (and for strings from the command line, parse) one value against its field type."""
-    where = f"{section}.{key}"
-    if from_text and isinstance(value, str) and kind is not str:
-        text = value.strip()
-        if kind is bool:
-            if text.lower() in ("true", "1", "yes", "on"):
-                return True
-            if text.lower() in ("false", "0", "no", "off"):
-                return False
-            raise AttncapError(f"{where} must be true or false, got {value!r}")
-        try:
-            return kind(text)
-        except ValueError:
-            raise AttncapError(f"{where} must be {kind.__name__}, got {value!r}") from None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise AttncapError(f"{where} must be {kind.__name__}, got {value!r}")
-    return value
+def _parse(value: Any, kind: type) -> Any:
+    """A command-line string as the field's type; text that does not parse stays text (the rule says why)."""
+    if not isinstance(value, str) or kind is str:
+        return value
+    text = value.strip().lower()
+    if kind is bool:
+        return {"true": True, "1": True, "yes": True, "on": True,
+                "false": False, "0": False, "no": False, "off": False}.get(text, value)
+    try:
+        return kind(text)
+    except ValueError:
+        return value
 
 
 def merge(cfg: RunConfig, updates: dict[str, dict[str, Any]], source: str = "config",
           from_text: bool = False) -> RunConfig:
-    """Return ``cfg`` with ``{section: {key: value}}`` applied; unknown keys and wrong types raise.
+    """Return ``cfg`` with ``{section: {key: value}}`` applied; unknown keys and bad values raise.
 
     ``from_text``: values are command-line strings to parse ("5", "true"); otherwise (files)
-    they must already have the field's type.
+    they must already have the field's type. Every changed section is checked by its rules.
     """
+    if not isinstance(updates, dict):
+        raise AttncapError(f"{source}: must be a table of sections like {{\"train\": {{\"epochs\": 5}}}}, "
+                           f"got {type(updates).__name__} {_short(updates)}")
     sections = {}
     for name, values in updates.items():
         if name not in SECTIONS:
             raise AttncapError(f"{source}: unknown section [{name}]; known: {', '.join(SECTIONS)}")
         if not isinstance(values, dict):
-            raise AttncapError(f"{source}: [{name}] must be a table of settings")
-        klass = SECTIONS[name]
-        hints = typing.get_type_hints(klass)
-        current = getattr(cfg, name)
-        changes = {}
-        for key, value in values.items():
-            if key not in hints:
-                raise AttncapError(
-                    f"{source}: unknown setting {name}.{key}; known: {', '.join(hints)}")
-            changes[key] = _coerce(name, key, value, hints[key], from_text)
-        sections[name] = dataclasses.replace(current, **changes)
+            raise AttncapError(f"{source}: [{name}] must be a table of settings, got {_short(values)}")
+        kinds = {f.name: field_kind(f) for f in dataclasses.fields(SECTIONS[name])}
+        for key in values:
+            if key not in kinds:
+                raise AttncapError(f"{source}: unknown setting {name}.{key}; known: {', '.join(kinds)}")
+        changes = {k: _parse(v, kinds[k]) if from_text else v for k, v in values.items()}
+        try:
+            sections[name] = dataclasses.replace(getattr(cfg, name), **changes)
+        except AttncapError as exc:
+            raise AttncapError(f"{source}: {exc}") from None
     return dataclasses.replace(cfg, **sections)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check(updates: dict[str, dict[str, Any]], base: RunConfig | None = None, from_text: bool = False
+          ) -> str | None:
+    """What :func:`merge` would reject in ``updates`` (its one-line message), or None if all is allowed."""
+    try:
+        merge(base or RunConfig(), updates, "config", from_text)
+    except AttncapError as exc:
+        return str(exc)
+    return None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, dict[str, str]]:
@@ -179,11 +288,13 @@ def load(path: str | Path, base: RunConfig | None = None) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise AttncapError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
     try:
+        text = path.read_text(encoding="utf-8")
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSON/TOML syntax, not UTF-8, nesting too deep
         raise AttncapError(f"config file {path} cannot be parsed: {exc}") from None
+    except OSError as exc:
+        raise AttncapError(f"config file {path} cannot be read: {exc.strerror}") from None
     return merge(base or RunConfig(), data, source=str(path))
 
 

@@ -2,14 +2,16 @@
 
 Every function decodes a batch of images at once and returns, per image, :class:`Caption` objects
 holding the word ids, the attention map behind every word and the log-probability. Evaluation,
-the CLI and the server all call these; there is no other decoding code.
+the CLI and the server all call these; there is no other decoding code. ``<end>`` cannot come
+before ``min_len`` words (default 1), so no caption is ever empty.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,8 +39,9 @@ Chooser = Callable[[torch.Tensor], torch.Tensor]  # log-probs (B, V) -> next wor
 PAD = 0
 
 
-def _step(model: Captioner, memory, state, words: torch.Tensor, start: int):
-    """``model.step`` with ``<pad>`` and ``<start>`` made impossible as next words.
+def _step(model: Captioner, memory, state, words: torch.Tensor, start: int, end: int, can_end: bool):
+    """``model.step`` with ``<pad>`` and ``<start>`` made impossible as next words, and ``<end>``
+    too while ``can_end`` is False (the caption is still shorter than its minimum length).
 
     The remaining log-probabilities are left as they are (not renormalised), so scores stay the
     model's own; every emitted token is then a word or ``<end>``, one attention map each.
@@ -46,16 +49,25 @@ def _step(model: Captioner, memory, state, words: torch.Tensor, start: int):
     logp, alpha, state = model.step(memory, state, words)
     logp[:, PAD] = float("-inf")
     logp[:, start] = float("-inf")
+    if not can_end:
+        logp[:, end] = float("-inf")
     return logp, alpha, state
+
+
+def _check_lengths(min_len: int, max_len: int) -> None:
+    if max_len < 1 or not 0 <= min_len <= max_len:
+        raise AttncapError(f"need 0 <= min_len <= max_len and max_len >= 1, got min_len={min_len}, "
+                           f"max_len={max_len} (decode.min_len, decode.max_len)")
 
 
 @torch.inference_mode()
 def _sequential(model: Captioner, features: torch.Tensor, start: int, end: int, max_len: int,
-                choose: Chooser) -> list[Caption]:
+                choose: Chooser, min_len: int) -> list[Caption]:
     """One hypothesis per image, extended word by word with ``choose``, until ``<end>``.
 
     Finished captions leave the batch: each step runs only over the images still writing.
     """
+    _check_lengths(min_len, max_len)
     memory = model.encode(features)
     state = model.init_state(memory)
     B, R, dev = features.shape[0], memory.regions.shape[1], features.device
@@ -63,8 +75,8 @@ def _sequential(model: Captioner, features: torch.Tensor, start: int, end: int, 
     words = torch.full((B,), start, dtype=torch.long, device=dev)
     score = torch.zeros(B, device=dev)
     steps, alphas = [], []
-    for _ in range(max_len):
-        logp, alpha, state = _step(model, memory, state, words, start)
+    for t in range(max_len):
+        logp, alpha, state = _step(model, memory, state, words, start, end, t >= min_len)
         words = choose(logp)
         score[rows] += logp.gather(1, words[:, None]).squeeze(1)
         steps.append(torch.full((B,), end, device=dev).index_copy(0, rows, words))
@@ -87,15 +99,15 @@ def _sequential(model: Captioner, features: torch.Tensor, start: int, end: int, 
     return out
 
 
-def greedy(model: Captioner, features: torch.Tensor, start: int, end: int, max_len: int = 30
-           ) -> list[Caption]:
+def greedy(model: Captioner, features: torch.Tensor, start: int, end: int, max_len: int = 30,
+           min_len: int = 1) -> list[Caption]:
     """The most likely next word at every step."""
-    return _sequential(model, features, start, end, max_len, lambda logp: logp.argmax(-1))
+    return _sequential(model, features, start, end, max_len, lambda logp: logp.argmax(-1), min_len)
 
 
 def sample(model: Captioner, features: torch.Tensor, start: int, end: int, max_len: int = 30,
-           temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None
-           ) -> list[Caption]:
+           temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
+           min_len: int = 1) -> list[Caption]:
     """Draw each word from the (temperature-scaled, optionally top-k truncated) distribution."""
     if temperature <= 0:
         raise AttncapError(f"temperature must be positive, got {temperature}")
@@ -107,7 +119,7 @@ def sample(model: Captioner, features: torch.Tensor, start: int, end: int, max_l
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
 
-    return _sequential(model, features, start, end, max_len, choose)
+    return _sequential(model, features, start, end, max_len, choose, min_len)
 
 
 @dataclass
@@ -121,7 +133,7 @@ class _Beams:
 
 @torch.inference_mode()
 def beam_search(model: Captioner, features: torch.Tensor, start: int, end: int, beam_size: int = 3,
-                max_len: int = 30, length_penalty: float = 0.0, n_best: int = 1
+                max_len: int = 30, length_penalty: float = 0.0, n_best: int = 1, min_len: int = 1
                 ) -> list[list[Caption]]:
     """Batched beam search over all images at once; returns the ``n_best`` captions per image.
 
@@ -131,6 +143,7 @@ def beam_search(model: Captioner, features: torch.Tensor, start: int, end: int, 
     """
     if beam_size < 1 or n_best < 1 or n_best > beam_size:
         raise AttncapError(f"need 1 <= n_best <= beam_size, got n_best={n_best}, beam_size={beam_size}")
+    _check_lengths(min_len, max_len)
     B, K, dev = features.shape[0], beam_size, features.device
     memory = model.encode(features)
     R = memory.regions.shape[1]
@@ -144,7 +157,8 @@ def beam_search(model: Captioner, features: torch.Tensor, start: int, end: int, 
     finished: list[list[Caption]] = [[] for _ in range(B)]
     images = list(range(B))  # the image of each row block still searching
     for t in range(max_len):
-        logp, alpha, state = _step(model, memory, state, words, start)  # (n*K, V), (n*K, R)
+        # (n*K, V), (n*K, R)
+        logp, alpha, state = _step(model, memory, state, words, start, end, t >= min_len)
         n, V = len(images), logp.shape[-1]
         total = (beams.scores.unsqueeze(-1) + logp.view(n, K, V)).view(n, K * V)
         top, idx = total.topk(2 * K, dim=1)                          # (n, 2K): at most K end here
@@ -200,17 +214,17 @@ def _flush_alive(finished, images, beams: _Beams, penalty, K) -> None:
 
 
 def decode(model: Captioner, features: torch.Tensor, start: int, end: int, beam_size: int = 1,
-           max_len: int = 30, length_penalty: float = 0.0) -> list[Caption]:
+           max_len: int = 30, length_penalty: float = 0.0, min_len: int = 1) -> list[Caption]:
     """The best caption per image: greedy for ``beam_size == 1``, beam search otherwise."""
     if beam_size == 1:
-        return greedy(model, features, start, end, max_len)
+        return greedy(model, features, start, end, max_len, min_len)
     return [c[0] for c in beam_search(model, features, start, end, beam_size, max_len,
-                                      length_penalty, n_best=1)]
+                                      length_penalty, n_best=1, min_len=min_len)]
 
 
 def decode_split(model: Captioner, split, vocab, beam_size: int, max_len: int, length_penalty: float,
-                 batch_size: int, device, progress: bool = True) -> dict[int, dict]:
-    """Caption every image of a :class:`~attncap.dataset.CaptionSplit`.
+                 batch_size: int, device, progress: bool = True, min_len: int = 1) -> dict[int, dict]:
+    """Caption every image of a :class:`~attncap.dataset.CaptionSplit` (``decode.*`` settings).
 
     Returns ``{image id: {"caption": str, "words": [str], "attention": (n_words, g, g)}}``.
     """
@@ -218,7 +232,8 @@ def decode_split(model: Captioner, split, vocab, beam_size: int, max_len: int, l
     bar = tqdm(total=len(split), unit="img", desc=f"decode (beam {beam_size})",
                disable=not progress, dynamic_ncols=True, leave=False)
     for ids, feats in split.image_batches(batch_size):
-        caps = decode(model, feats.to(device), vocab.start, vocab.end, beam_size, max_len, length_penalty)
+        caps = decode(model, feats.to(device), vocab.start, vocab.end, beam_size, max_len, length_penalty,
+                      min_len)
         for image_id, cap in zip(ids, caps):
             words = vocab.decode(cap.tokens)
             out[image_id] = {"caption": " ".join(words), "words": words,
@@ -226,3 +241,25 @@ def decode_split(model: Captioner, split, vocab, beam_size: int, max_len: int, l
         bar.update(len(ids))
     bar.close()
     return out
+
+
+def diagnose_captions(captions: Sequence[str]) -> str | None:
+    """What looks degenerate about a split's decoded captions, in a few words; None if nothing does.
+
+    An undertrained model, or one trained on broken data, writes empty captions, one caption for
+    most images, or captions made almost only of its few most frequent words ("a a a the").
+    """
+    n = len(captions)
+    empty = sum(not c.strip() for c in captions)
+    if empty:
+        return f"{empty} of {n} captions are empty"
+    if n >= 4:
+        text, same = Counter(captions).most_common(1)[0]
+        if same >= n / 2:
+            return f"{same} of {n} captions are the same caption {text!r}"
+    words = Counter(w for c in captions for w in c.split())
+    top = words.most_common(3)
+    covered = sum(k for _, k in top) / max(1, sum(words.values()))
+    if sum(words.values()) >= 20 and covered >= 0.9:
+        return f"{covered:.0%} of all caption words are {', '.join(repr(w) for w, _ in top)}"
+    return None

@@ -281,4 +281,5 @@ def build_encoder(name: str, pretrained: bool = True, colour_stats: bool = False
     if not encoder.spec.trainable:
         encoder.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         encoder.precision = resolve_precision(precision, device)
+    encoder.requested_precision = precision  # the feature store's key holds what was asked ("auto")
     return encoder.to(device)

@@ -11,7 +11,7 @@ and ``report/`` (loss curves, attention figures and GIFs, ``index.html``).
 from __future__ import annotations
 
 import dataclasses
-import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,10 +23,10 @@ from .checkpoint import load_model
 from .config import DecodeConfig
 from .data.shapes import load_objects
 from .dataset import CaptionSplit
-from .decoding import decode_split
+from .decoding import decode_split, diagnose_captions
 from .errors import AttncapError
 from .features import FeatureStore
-from .files import atomic_path, read_json, write_json
+from .files import atomic_path, read_json, read_jsonl, write_json
 from .images import load_image
 from .prepare import load_split, references
 
@@ -73,10 +73,10 @@ def evaluate_beams(run_dir: str | Path, beams: list[int] | None = None, decode_c
     objects = read_json(run_dir / "data" / "manifest.json", "data manifest").get("objects")
     out, results = run_dir / "eval", {}
     for k in beams:
-        setting = dataclasses.replace(decode_cfg, beam_size=k)
+        setting = dataclasses.replace(decode_cfg, beam_size=k, n_best=min(k, decode_cfg.n_best))
         started = time.time()
         decoded = decode_split(model, data, vocab, k, setting.max_len, setting.length_penalty,
-                               setting.eval_batch_size, device, progress)
+                               setting.eval_batch_size, device, progress, setting.min_len)
         seconds = time.time() - started
         summary = {key: v if isinstance(v, int) else round(float(v), 4)
                    for key, v in score_split(decoded, data.records, objects).items()}
@@ -87,6 +87,7 @@ def evaluate_beams(run_dir: str | Path, beams: list[int] | None = None, decode_c
                     "decode_seconds": round(seconds, 1), "spice": metrics.spice_unavailable() or "scored"})
         results[k] = summary
         if k == main:
+            warn_degenerate(decoded, split)
             write_json(out / f"results_{split}.json", coco, indent=None)
             write_json(out / f"captions_{split}.json", {str(i): {
                 "caption": d["caption"], "words": d["words"],
@@ -96,6 +97,14 @@ def evaluate_beams(run_dir: str | Path, beams: list[int] | None = None, decode_c
     with atomic_path(out / f"table_{split}.md") as tmp:
         tmp.write_text(format_table(results, split, len(data)), encoding="utf-8")
     return results
+
+
+def warn_degenerate(decoded: dict[int, dict], split: str) -> None:
+    """One ``warning:`` line on stderr when the captions look like an undertrained model's."""
+    problem = diagnose_captions([d["caption"] for d in decoded.values()])
+    if problem:
+        print(f"warning: {split} captions look degenerate: {problem}; train longer (train.epochs) "
+              "or check the data (captions, images, vocabulary)", file=sys.stderr)
 
 
 def format_table(results: dict[int, dict[str, float]], split: str, images: int) -> str:
@@ -115,12 +124,10 @@ def write_report(run_dir: Path, scores: dict, decoded: dict, records: list[dict]
     folder = run_dir / "eval" / "report"
     folder.mkdir(parents=True, exist_ok=True)
     figures = {}
-    log = run_dir / "train" / "metrics.jsonl"
-    if log.is_file():
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        if rows:
-            report.plot_loss_curves(rows, folder / "loss.png")
-            figures["Loss curves"] = "loss.png"
+    rows = read_jsonl(run_dir / "train" / "metrics.jsonl", "training metrics log")
+    if rows:
+        report.plot_loss_curves(rows, folder / "loss.png")
+        figures["Loss curves"] = "loss.png"
     cards = []
     for rec in records[:samples]:
         d = decoded[rec["id"]]

@@ -12,8 +12,9 @@ Two formats:
   trainable one, then ``encode.onnx`` takes pixels): the ``encoder`` entry of ``config.json`` and
   ``onnx.json`` names it, with its input size and grid.
 
-Folders are built beside their final name and renamed into place, so a failed export leaves
-nothing half-written.
+Folders are built beside their final name and swapped into place, so a failed export leaves
+nothing half-written. Every export holds ``attncap-export.json``; an existing output folder is
+replaced only when it is such an earlier export (or empty): a user's own folder is never touched.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from . import __version__
 from .checkpoint import load_model
 from .config import RunConfig
 from .errors import AttncapError
@@ -38,6 +40,8 @@ from .vocab import Vocab
 from .predict import ENCODER_WEIGHTS, Predictor, resolve_model_dir
 
 OPSET = 18
+MARKER = "attncap-export.json"      # in every export: what made it (and that it may be replaced)
+OLD_CARD = "# attncap captioning model"  # how the card of an export made before the marker begins
 
 
 def _copy_model_files(source: Path, dest: Path,
@@ -55,6 +59,7 @@ def export_folder(source: str | Path, out: str | Path) -> Path:
     are included, so loading needs neither the encoder's package nor a download.
     """
     model_dir = resolve_model_dir(source)
+    check_output(out, model_dir)
     predictor = Predictor(model_dir, device="cpu")
     out = Path(out)
     with atomic_folder(out) as tmp:
@@ -64,6 +69,7 @@ def export_folder(source: str | Path, out: str | Path) -> Path:
             save_file(weights, str(tmp / ENCODER_WEIGHTS))
             os.chmod(tmp / ENCODER_WEIGHTS, 0o644)
         (tmp / "README.md").write_text(model_card(predictor, _scores(Path(source))), encoding="utf-8")
+        _mark(tmp, "folder", model_dir)
     return out
 
 
@@ -176,6 +182,7 @@ def export_onnx(source: str | Path, out: str | Path) -> Path:
     """Write ``encode.onnx``, ``step.onnx``, ``onnx.json`` (the interface), ``config.json``,
     ``vocab.json`` and ``README.md`` into ``out``."""
     model_dir = resolve_model_dir(source)
+    check_output(out, model_dir)
     model, vocab, cfg, info = load_model(model_dir, "cpu")  # the frozen CNN is not exported
     out = Path(out)
     name, example = _example_input(model, info, batch=2)
@@ -190,6 +197,7 @@ def export_onnx(source: str | Path, out: str | Path) -> Path:
         interface = onnx_interface(vocab, cfg, info, name)
         write_json(tmp / "onnx.json", interface)
         (tmp / "README.md").write_text(_onnx_card(interface), encoding="utf-8")
+        _mark(tmp, "onnx", model_dir)
     return out
 
 
@@ -208,7 +216,9 @@ def onnx_interface(vocab: Vocab, cfg: RunConfig, info: dict, input_name: str) ->
                              "h_next": "(B, H)", "c_next": "(B, H) or (B, 0)"}},
         "special_ids": {"pad": vocab.pad, "start": vocab.start, "end": vocab.end, "unk": vocab.unk},
         "mask_before_choosing": ["pad", "start"],
-        "decode": {"beam_size": d.beam_size, "max_len": d.max_len, "length_penalty": d.length_penalty},
+        "mask_end_before_min_len": "end is impossible until a caption has decode.min_len words",
+        "decode": {"beam_size": d.beam_size, "max_len": d.max_len, "min_len": d.min_len,
+                   "length_penalty": d.length_penalty},
         "encoder": {k: info[k] for k in ("name", "image_size", "grid", "dim", "trainable", "precision")
                     if k in info},
         "opset": OPSET,
@@ -224,7 +234,8 @@ advances every caption of a batch by one word. Greedy decoding:
 
 1. `regions, keys, h, c = encode(features)`; `words = [start] * B`
 2. repeat up to `max_len`: `log_probs, alpha, h, c = step(words, h, c, regions, keys)`; set the
-   `pad` and `start` columns of `log_probs` to -inf; `words = argmax(log_probs)`; stop a caption at `end`.
+   `pad` and `start` columns of `log_probs` to -inf (and `end` too while a caption has fewer than
+   `decode.min_len` words); `words = argmax(log_probs)`; stop a caption at `end`.
 
 Beam search keeps K rows per image and reorders `h`, `c`, `regions`, `keys` by the surviving
 beams. Special ids: {spec}. `vocab.json` maps ids to words, `onnx.json` lists every input and
@@ -237,10 +248,33 @@ FORMATS: dict[str, Callable[[str | Path, str | Path], Path]] = {"folder": export
                                                                "onnx": export_onnx}
 
 
+def check_output(out: str | Path, model_dir: Path) -> None:
+    """Refuse an output that is not ours to replace: a file, or a non-empty folder that is not an
+    earlier export (``--out ~/models`` or ``--out RUN`` must never lose what is there)."""
+    out = Path(out)
+    if out.resolve() == model_dir.resolve() or out.resolve() in model_dir.resolve().parents:
+        raise AttncapError(f"export output {out} holds the model being exported; choose another folder")
+    if out.is_file() or out.is_symlink():
+        raise AttncapError(f"export output {out} is a file; --out takes a folder (new, empty, or an "
+                           "earlier attncap export)")
+    if out.is_dir() and any(out.iterdir()) and not _is_export(out):
+        raise AttncapError(f"export output {out} is a folder with other files in it and not an attncap "
+                           "export; refusing to replace it: choose a new or empty folder")
+
+
+def _is_export(folder: Path) -> bool:
+    if (folder / MARKER).is_file():
+        return True
+    card = folder / "README.md"
+    return card.is_file() and card.read_text(encoding="utf-8", errors="replace").startswith(OLD_CARD)
+
+
 def export_model(source: str | Path, out: str | Path, fmt: str) -> Path:
     """Export ``source`` (run directory, checkpoint or model folder) to ``out`` in format ``fmt``."""
     if fmt not in FORMATS:
         raise AttncapError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if Path(out).resolve() == resolve_model_dir(source).resolve():
-        raise AttncapError(f"export output {out} is the model being exported; choose another folder")
     return FORMATS[fmt](source, out)
+
+
+def _mark(folder: Path, fmt: str, source: Path) -> None:
+    write_json(folder / MARKER, {"format": fmt, "attncap": __version__, "source": str(source)})

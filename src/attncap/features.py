@@ -8,8 +8,14 @@ Layout, per split, in ``run_dir/features/``::
 Extraction streams: worker processes decode JPEGs, the encoder runs on a batch, and the rows are
 written at their offset with plain file writes (not a writable memory map, whose dirty pages would
 count against resident memory), so memory stays flat however many images there are. While running,
-the files are ``{split}.partial.npy/.json``; the partial manifest records how many rows are done,
-so an interrupted run resumes where it stopped. Only a finished store gets its final names.
+the files are ``{split}.partial.npy/.json``; the partial manifest records how many rows are done
+(written after the rows are fsynced), so an interrupted run resumes where it stopped.
+
+The manifest ``{split}.json`` is the store's commit: written last, checked first. Finishing a
+store removes the old manifest, renames the data into place, then writes the new manifest; a kill
+anywhere in between is finished by the next run. ``encoder.precision=auto`` is part of the key as
+asked ("auto"); the precision it chose is recorded and kept when a store is resumed or reused on a
+machine where "auto" would choose otherwise (a job requeued on another node).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from tqdm import tqdm
 
 from .encoders import Encoder, to_pixels
 from .errors import AttncapError
-from .files import read_json, write_json
+from .files import fault_point, fsync_dir, read_json, write_json
 from .images import load_image
 
 FORMAT = 1
@@ -125,6 +131,22 @@ def _digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+def pinned_precision(features_dir: str | Path, requested: str) -> str:
+    """The precision to extract with: ``requested``, unless it is "auto" and a store of this run
+    (finished or partial) was already made with "auto": then the precision that one chose."""
+    if requested != "auto":
+        return requested
+    for path in sorted(Path(features_dir).glob("*.json")):
+        try:
+            manifest = read_json(path, "feature manifest")
+        except AttncapError:
+            continue
+        if isinstance(manifest, dict) and manifest.get("requested_precision") == "auto" \
+                and manifest.get("precision") in ("fp32", "bf16"):
+            return manifest["precision"]
+    return requested
+
+
 def _start_partial(path: Path, manifest_path: Path, key: dict, n: int, encoder: Encoder) -> dict:
     """Return the partial manifest to continue, creating a fresh partial store if needed.
 
@@ -138,42 +160,78 @@ def _start_partial(path: Path, manifest_path: Path, key: dict, n: int, encoder: 
     shape, dtype = _row_layout(encoder)
     blank = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, *shape))  # sparse file
     del blank  # only the header was needed; rows are written by _fill
-    state = {"key": _digest(key), "done": 0, "failed": []}
+    state = {"key": _digest(key), "done": 0, "failed": [], "requested_precision": key["requested_precision"],
+             "precision": encoder.precision}
     write_json(manifest_path, state)
     return state
 
 
 def extract_features(encoder: Encoder, items: Sequence[ImageItem], features_dir: str | Path,
                      split: str, pretrained: bool = True, batch_size: int = 32, workers: int = 2,
-                     progress: bool = True) -> FeatureStore:
+                     progress: bool = True, requested_precision: str | None = None) -> FeatureStore:
     """Run ``encoder`` over ``items`` into ``features_dir/{split}.npy``; resume or reuse when possible.
 
     Unreadable images are skipped (their row stays zero), counted, and listed in the manifest.
+    ``requested_precision``: what the config asked for ("auto" or the encoder's own precision).
     """
     features_dir = Path(features_dir)
-    final_json = features_dir / f"{split}.json"
+    final_json, final = features_dir / f"{split}.json", features_dir / f"{split}.npy"
     key = {"format": FORMAT, "encoder": _encoder_record(encoder, pretrained),
+           "requested_precision": requested_precision or getattr(encoder, "requested_precision",
+                                                                 encoder.precision),
            "image_ids": [it.image_id for it in items], "files": [it.path for it in items]}
-    if final_json.is_file() and (features_dir / f"{split}.npy").is_file():
+    partial, partial_json = features_dir / f"{split}.partial.npy", features_dir / f"{split}.partial.json"
+    if final_json.is_file() and final.is_file():
         manifest = read_json(final_json, "feature manifest")
         if all(manifest.get(k) == v for k, v in key.items()):
+            partial_json.unlink(missing_ok=True)  # a kill after the commit, before this clean-up
             return FeatureStore.open(features_dir, split)
-    partial, partial_json = features_dir / f"{split}.partial.npy", features_dir / f"{split}.partial.json"
     features_dir.mkdir(parents=True, exist_ok=True)
-    state = _start_partial(partial, partial_json, key, len(items), encoder)
-    started = time.time()
-    _fill(encoder, items, partial, partial_json, state, batch_size, workers, progress, split)
-    shape, dtype = _row_layout(encoder)
-    manifest = {**key, "shape": [len(items), *shape], "dtype": str(dtype), "failed": state["failed"],
-                "seconds": round(time.time() - started, 1)}
-    os.replace(partial, features_dir / f"{split}.npy")
-    write_json(final_json, manifest, indent=None)
-    partial_json.unlink()
+    state = _committing(partial_json, partial, final, key, len(items))
+    if state is None:
+        state = _start_partial(partial, partial_json, key, len(items), encoder)
+        started = time.time()
+        _fill(encoder, items, partial, partial_json, state, batch_size, workers, progress, split)
+        state["seconds"] = round(state.get("seconds", 0.0) + time.time() - started, 1)
+    _commit(features_dir, split, key, state, encoder)
     if state["failed"]:
         print(f"{split}: skipped {len(state['failed'])} unreadable image(s):")
         for f in state["failed"]:
             print(f"  {f['reason']}")
     return FeatureStore.open(features_dir, split)
+
+
+def _committing(partial_json: Path, partial: Path, final: Path, key: dict, n: int) -> dict | None:
+    """The partial state when a kill came after the data was renamed into place but before the
+    manifest was written (the commit is then only to be finished); else None."""
+    if partial.is_file() or not (partial_json.is_file() and final.is_file()):
+        return None
+    try:
+        state = read_json(partial_json, "partial feature manifest")
+    except AttncapError:
+        return None
+    return state if state.get("key") == _digest(key) and state.get("done") == n else None
+
+
+def _commit(features_dir: Path, split: str, key: dict, state: dict, encoder: Encoder) -> None:
+    """Make the finished partial store the split's store: old manifest out, data in, new manifest."""
+    final_json, final = features_dir / f"{split}.json", features_dir / f"{split}.npy"
+    partial, partial_json = features_dir / f"{split}.partial.npy", features_dir / f"{split}.partial.json"
+    shape, dtype = _row_layout(encoder)
+    manifest = {**key, "precision": encoder.precision, "shape": [len(key["image_ids"]), *shape],
+                "dtype": str(dtype), "failed": state["failed"], "seconds": state.get("seconds", 0.0)}
+    if partial.is_file():
+        if final_json.exists():  # the old store must never be read against the new data
+            final_json.unlink()
+            fsync_dir(features_dir)
+            fault_point(f"unlink {final_json.name}")
+        os.replace(partial, final)
+        fsync_dir(features_dir)
+        fault_point(f"rename {final.name}")
+    write_json(final_json, manifest, indent=None)
+    partial_json.unlink()
+    fsync_dir(features_dir)
+    fault_point(f"unlink {partial_json.name}")
 
 
 def image_loader(items: Sequence[ImageItem], image_size: int, batch_size: int, workers: int,
@@ -212,6 +270,7 @@ def _fill(encoder, items, path, state_path, state, batch_size, workers, progress
             out.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
             out.flush()
             os.fsync(out.fileno())  # the rows are on disk before the manifest says they are done
+            fault_point(f"rows {split}")
             state["done"] = rows[-1] + 1
             write_json(state_path, state, indent=None)
             bar.update(len(rows))

@@ -18,7 +18,7 @@ from .data.shapes import generate_shapes_world
 from .encoders import build_encoder
 from .errors import AttncapError
 from .evaluate import evaluate_run
-from .features import ImageItem, extract_features, verify_store
+from .features import ImageItem, extract_features, pinned_precision, verify_store
 from .files import read_json, write_json
 from .prepare import SPLITS, load_split, prepare
 from .train import TrainState, train
@@ -43,7 +43,6 @@ def save_run_config(run_dir: str | Path, cfg: RunConfig) -> None:
 def prepare_stage(run_dir: str | Path, cfg: RunConfig, progress: bool = True) -> int:
     """Get the data (generating the shapes world if asked) and tokenize it; returns the vocab size."""
     run_dir = Path(run_dir)
-    save_run_config(run_dir, cfg)
     d = cfg.data
     if d.dataset == "shapes":
         world = generate_shapes_world(run_dir / "dataset", d.train_images, d.val_images,
@@ -59,6 +58,7 @@ def prepare_stage(run_dir: str | Path, cfg: RunConfig, progress: bool = True) ->
         vocab = prepare(d, d.captions or None, d.images, run_dir / "data")
     else:
         raise AttncapError(f"data.dataset must be 'shapes' or 'coco', got {d.dataset!r}")
+    save_run_config(run_dir, cfg)
     return len(vocab)
 
 
@@ -66,14 +66,24 @@ def features_stage(run_dir: str | Path, cfg: RunConfig, progress: bool = True,
                    allow_download: bool = True) -> None:
     """Run the encoder over every split into the feature store (reused or resumed when possible)."""
     run_dir = Path(run_dir)
-    save_run_config(run_dir, cfg)
+    _require_prepared(run_dir)
     e = cfg.encoder
+    items = {split: [ImageItem(r["id"], r["file"]) for r in load_split(run_dir / "data", split)]
+             for split in SPLITS}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    encoder = build_encoder(e.name, e.pretrained, e.colour_stats, allow_download, e.precision, device)
+    precision = pinned_precision(run_dir / "features", e.precision)
+    encoder = build_encoder(e.name, e.pretrained, e.colour_stats, allow_download, precision, device)
     for split in SPLITS:
-        items = [ImageItem(r["id"], r["file"]) for r in load_split(run_dir / "data", split)]
-        extract_features(encoder, items, run_dir / "features", split, e.pretrained, e.batch_size,
-                         e.workers, progress)
+        extract_features(encoder, items[split], run_dir / "features", split, e.pretrained, e.batch_size,
+                         e.workers, progress, requested_precision=e.precision)
+    save_run_config(run_dir, cfg)
+
+
+def _require_prepared(run_dir: Path) -> None:
+    """A stage after prepare was pointed at a folder without prepared data: say so, create nothing."""
+    if not (run_dir / "data" / "manifest.json").is_file():
+        raise AttncapError(f"{run_dir} has no prepared data ({run_dir / 'data' / 'manifest.json'} is "
+                           f"missing); run `attncap prepare --run {run_dir}` first, or check --run")
 
 
 def verify_stage(run_dir: str | Path) -> list[str]:
@@ -82,7 +92,8 @@ def verify_stage(run_dir: str | Path) -> list[str]:
 
 def train_stage(run_dir: str | Path, cfg: RunConfig, resume: bool = True, progress: bool = True
                 ) -> TrainState:
-    save_run_config(run_dir, cfg)
+    """Train (the run's config is saved by :func:`attncap.train.train` once it may start)."""
+    _require_prepared(Path(run_dir))
     return train(run_dir, cfg, resume=resume, progress=progress)
 
 

@@ -8,10 +8,11 @@ weights, so an export captions without the encoder's own package or a download.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -66,17 +67,45 @@ class Predictor:
     def from_run(cls, run_dir: str | Path, checkpoint: str = "best") -> "Predictor":
         return cls(Path(run_dir) / "checkpoints" / checkpoint)
 
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """One PIL RGB image -> the encoder's input: uint8 (3, S, S) on the CPU (S = ``image_size``).
+
+        The server keeps only this (not the full-size image) while a request waits for the model.
+        """
+        return self._preprocess(image)
+
     @torch.inference_mode()
     def features(self, images: list[Image.Image]) -> torch.Tensor:
         """PIL images -> what the decoder reads: (B, R, D) features, or (B, 3, S, S) pixels."""
-        pixels = torch.stack([self._preprocess(im) for im in images]).to(self.device)  # (B, 3, S, S)
+        return self._encode(torch.stack([self.pixels(im) for im in images]))  # (B, 3, S, S)
+
+    @torch.inference_mode()
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, S, S) -> (B, R, D) features (frozen encoder), or the pixels on the device."""
+        pixels = pixels.to(self.device)
         return pixels if self.encoder is None else self.encoder(pixels)
 
-    def caption(self, images: list[Image.Image], beam_size: int | None = None, n_best: int = 1,
+    def caption(self, images: ImageInput, beam_size: int | None = None, n_best: int = 1,
                 max_len: int | None = None) -> list[list[Prediction]]:
-        """The ``n_best`` captions of every image, best first; all images in one batched beam search."""
+        """The ``n_best`` captions of every image, best first; all images in one batched beam search.
+
+        ``images``: a PIL image (other modes than RGB are converted with ``convert("RGB")``), a path
+        (read with :func:`attncap.images.load_image`), or a list or tuple of them. The result always has one list per image, so one image given alone
+        gives a one-element outer list: ``caption(img)[0][0]`` is its best caption.
+        """
+        loaded = _as_images(images)
+        return self.caption_pixels(torch.stack([self.pixels(im) for im in loaded]), beam_size,
+                                   n_best, max_len)
+
+    def caption_pixels(self, pixels: torch.Tensor, beam_size: int | None = None, n_best: int = 1,
+                       max_len: int | None = None) -> list[list[Prediction]]:
+        """Like :meth:`caption`, for images already preprocessed by :meth:`pixels`: uint8 (B, 3, S, S)."""
+        s = self.image_size
+        if pixels.dtype != torch.uint8 or pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s):
+            raise AttncapError(f"caption_pixels takes uint8 (B, 3, {s}, {s}) from Predictor.pixels, "
+                               f"got {pixels.dtype} {tuple(pixels.shape)}")
         d = self.cfg.decode
-        results = beam_search(self.model, self.features(images), self.vocab.start, self.vocab.end,
+        results = beam_search(self.model, self._encode(pixels), self.vocab.start, self.vocab.end,
                               beam_size or d.beam_size, max_len or d.max_len, d.length_penalty, n_best)
         out = []
         for hyps in results:
@@ -111,6 +140,34 @@ def _frozen_encoder(folder: Path, info: dict, device: torch.device) -> Encoder:
             raise AttncapError(f"encoder weights {weights} are corrupt or do not match encoder "
                                f"{info['name']} ({reason}); export the model again") from None
     return encoder
+
+
+ImageInput = Union[Image.Image, str, os.PathLike, Sequence[Union[Image.Image, str, os.PathLike]]]
+ACCEPTED = "a PIL image, a path, or a list of them"
+
+
+def _as_images(images: ImageInput) -> list[Image.Image]:
+    """What :meth:`Predictor.caption` was given, as a non-empty list of loaded RGB images."""
+    if isinstance(images, (Image.Image, str, os.PathLike)):
+        images = [images]
+    elif not isinstance(images, (list, tuple)):
+        raise AttncapError(f"Predictor.caption takes {ACCEPTED}; got {_kind(images)}"
+                           + (" (convert it with PIL.Image.fromarray)" if isinstance(images, np.ndarray)
+                              else ""))
+    if not images:
+        raise AttncapError(f"Predictor.caption got an empty {type(images).__name__}; pass {ACCEPTED}")
+    for i, item in enumerate(images):  # every type first: a bad item fails before any file is read
+        if not isinstance(item, (Image.Image, str, os.PathLike)):
+            raise AttncapError(f"Predictor.caption: item {i} has type {_kind(item)}; each item must be a "
+                               "PIL image or a path")
+    loaded = [load_image(item) if isinstance(item, (str, os.PathLike)) else item for item in images]
+    return [im if im.mode == "RGB" else im.convert("RGB") for im in loaded]
+
+
+def _kind(value: object) -> str:
+    """The type's name as a user would write it: ``int``, ``numpy.ndarray``."""
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 # --- many files at once ------------------------------------------------------------------------
@@ -172,11 +229,33 @@ def _read(path: Path, max_pixels: int) -> FileCaptions:
         return FileCaptions(path, error=str(exc))
 
 
+def image_number(path: Path) -> int | None:
+    """The last number in a file name (``COCO_val2014_000000391895.jpg`` -> 391895), or None."""
+    numbers = re.findall(r"\d+", Path(path).stem)
+    return int(numbers[-1]) if numbers else None
+
+
 def coco_image_ids(paths: list[Path]) -> list[int]:
-    """COCO image ids for files: the number in each file name (``COCO_val2014_000000391895.jpg`` ->
-    391895) when every name has one and they are distinct, else 1, 2, 3... in the given order."""
-    numbers = [re.findall(r"\d+", p.stem) for p in paths]
-    ids = [int(n[-1]) for n in numbers if n]
-    if len(ids) == len(paths) and len(set(ids)) == len(ids):
-        return ids
-    return list(range(1, len(paths) + 1))
+    """COCO image ids for files: the number in each file name, or 1, 2, 3... when no name has one.
+
+    A mix of named and unnumbered files, or two files with the same number, would write wrong ids
+    into a results file, so it raises :class:`AttncapError` naming the files instead.
+    """
+    numbers = [image_number(p) for p in paths]
+    if all(n is None for n in numbers):
+        return list(range(1, len(paths) + 1))
+    missing = [p for p, n in zip(paths, numbers) if n is None]
+    if missing:
+        numbered = next(p for p, n in zip(paths, numbers) if n is not None)
+        raise AttncapError(f"cannot give COCO image ids: {missing[0]} has no number in its name "
+                           f"({len(missing)} of {len(paths)} files have none) while {numbered} has "
+                           "one; rename the files so that every name holds its image id (or none "
+                           "does, for ids 1, 2, 3... by position), or caption them without --out")
+    first: dict[int, Path] = {}
+    for path, n in zip(paths, numbers):
+        if n in first:
+            raise AttncapError(f"cannot give COCO image ids: {first[n]} and {path} both have the "
+                               f"number {n}; rename one of them so that every name holds a "
+                               "different image id, or caption them in separate runs")
+        first[n] = path
+    return numbers

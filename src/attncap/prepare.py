@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .config import DataConfig
 from .errors import AttncapError
-from .files import read_json, write_json
+from .files import atomic_folder, read_json, recover_folder, write_json
 from .vocab import Vocab, build_vocab, tokenize
 
 SPLITS = ("train", "val", "test")
@@ -150,21 +150,41 @@ def usable(records: dict[int, dict], skipped: Skipped) -> dict[int, dict]:
     return out
 
 
-def split_ids(ids: list[int], splits_file: str, seed: int, val: int, test: int) -> dict[str, list[int]]:
-    """Split image ids (never captions) into train/val/test: from a ``{split: [ids]}`` file, or seeded."""
+def split_ids(ids: list[int], splits_file: str, seed: int, val: int, test: int,
+              skipped: Skipped | None = None) -> dict[str, list[int]]:
+    """Split image ids (never captions) into train/val/test: from a ``{split: [ids]}`` file, or seeded.
+
+    A split file whose splits share an image is refused (the leak that inflates test scores); ids
+    it names that the data lacks are skipped into ``skipped``, each listed.
+    """
     if splits_file:
-        data = read_json(splits_file, "splits file")
-        known = set(ids)
-        out = {}
-        for name in SPLITS:
-            if not isinstance(data, dict) or not isinstance(data.get(name), list):
-                raise AttncapError(f"splits file {splits_file} has no '{name}' list of image ids "
-                                   "(nor is it Karpathy's format)")
-            out[name] = [i for i in data[name] if i in known]
-        return out
+        return _file_splits(read_json(splits_file, "splits file"), splits_file, set(ids),
+                            skipped if skipped is not None else Skipped())
     order = sorted(ids)
     random.Random(seed).shuffle(order)
     return {"test": order[:test], "val": order[test:test + val], "train": order[test + val:]}
+
+
+def _file_splits(data, splits_file: str, known: set[int], skipped: Skipped) -> dict[str, list[int]]:
+    out, seen = {}, {}
+    for name in SPLITS:
+        if not isinstance(data, dict) or not isinstance(data.get(name), list):
+            raise AttncapError(f"splits file {splits_file} has no '{name}' list of image ids "
+                               "(nor is it Karpathy's format)")
+        ids = [_image_id(i, f"splits file {splits_file}: '{name}' entry") for i in data[name]]
+        overlap = sorted({i for i in ids if seen.get(i, name) != name})
+        if overlap:
+            other = seen[overlap[0]]
+            raise AttncapError(f"splits file {splits_file}: {len(overlap)} image(s) are in both '{other}' "
+                               f"and '{name}' (e.g. {', '.join(map(str, overlap[:5]))}); an image may be "
+                               "in one split only, or its scores are inflated: fix the file")
+        seen.update((i, name) for i in ids)
+        listed = {item.get("image_id") for item in skipped.items}  # already skipped for a reason
+        for i in ids:
+            if i not in known and i not in listed:
+                skipped.add("split file names an image not in the data", image_id=i, split=name)
+        out[name] = [i for i in ids if i in known]
+    return out
 
 
 def load_dataset(cfg: DataConfig, captions_json: str | Path | None, images_dir: str | Path,
@@ -183,7 +203,7 @@ def load_dataset(cfg: DataConfig, captions_json: str | Path | None, images_dir: 
         raise AttncapError("data.captions (a COCO captions JSON) is needed unless data.splits is "
                            "Karpathy's dataset_coco.json")
     records = usable(load_coco_captions(captions_json, images_dir, skipped), skipped)
-    splits = split_ids(list(records), cfg.splits, cfg.seed, cfg.val_images, cfg.test_images)
+    splits = split_ids(list(records), cfg.splits, cfg.seed, cfg.val_images, cfg.test_images, skipped)
     return records, splits, "file" if cfg.splits else "seeded"
 
 
@@ -204,6 +224,14 @@ def prepare(cfg: DataConfig, captions_json: str | Path | None, images_dir: str |
                                "images); use more data or change data.val_images/test_images")
     vocab = build_vocab((c for i in splits["train"] for c in records[i]["captions"]),
                         cfg.top_k, cfg.min_count)
+    with atomic_folder(out_dir) as tmp:  # splits, vocabulary and manifest are replaced together
+        _write_prepared(tmp, cfg, records, splits, source, vocab, skipped, captions_json, images_dir, extra)
+    skipped.warn(out_dir / "manifest.json")
+    return vocab
+
+
+def _write_prepared(out_dir: Path, cfg: DataConfig, records: dict, splits: dict, source: str, vocab: Vocab,
+                    skipped: Skipped, captions_json, images_dir, extra: dict | None) -> None:
     for name, ids in splits.items():
         rows = [{"id": i, "file": records[i]["file"], "captions": records[i]["captions"],
                  "tokens": [vocab.encode(c, cfg.max_words) for c in records[i]["captions"]]}
@@ -216,13 +244,11 @@ def prepare(cfg: DataConfig, captions_json: str | Path | None, images_dir: str |
         "caption_counts": {k: sum(len(records[i]["captions"]) for i in v) for k, v in splits.items()},
         "vocab_size": len(vocab), "data_config": cfg.__dict__,
         "skipped": {"counts": skipped.counts(), "items": skipped.items}, **(extra or {})})
-    skipped.warn(out_dir / "manifest.json")
-    return vocab
 
 
 def load_split(data_dir: str | Path, split: str) -> list[dict]:
     """The prepared records of one split (see :func:`prepare`)."""
-    data = read_json(Path(data_dir) / f"{split}.json", f"prepared split {split!r} (run `attncap prepare`)")
+    data = read_json(recover_folder(data_dir) / f"{split}.json", f"prepared split {split!r} (run `attncap prepare`)")
     return data["images"]
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import config as config_lib
 from . import metrics
 from .checkpoint import load_model, load_state, save_checkpoint
 from .config import RunConfig
@@ -35,7 +36,7 @@ from .distributed import Dist, StopSignals, process_group, threads_per_process
 from .encoders import build_encoder
 from .errors import AttncapError
 from .features import FeatureStore
-from .files import atomic_path
+from .files import append_line, atomic_path, read_jsonl, recover_folder, write_json
 from .model import Captioner, caption_loss
 from .prepare import load_split, references
 from .vocab import Vocab
@@ -87,17 +88,16 @@ class MetricsLog:
             self.tb = None
 
     def _truncate(self, step: int) -> None:
-        """Drop records past the checkpoint we resume from (they will be produced again)."""
+        """Drop records past the checkpoint we resume from (they will be produced again), and a
+        torn last line left by a kill."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [r for r in read_jsonl(self.path, "training metrics log") if r.get("step", 0) <= step]
         with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(k + "\n" for k in kept))
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
         if self.tb is not None:
             for key, value in record.items():
                 if key not in ("step", "epoch") and isinstance(value, (int, float)):
@@ -198,7 +198,7 @@ def evaluate(model: Captioner, split: CaptionSplit, vocab: Vocab, cfg: RunConfig
         tokens += int(ntok)
     d = cfg.decode
     decoded = decode_split(model, split, vocab, 1, d.max_len, 0.0, d.eval_batch_size, device,
-                           progress=False)
+                           progress=False, min_len=d.min_len)
     candidates = {image_id: x["caption"] for image_id, x in decoded.items()}
     refs = references(split.records)
     return {"val_loss": total / max(1, tokens), "val_CIDEr": metrics.cider(refs, candidates)}
@@ -239,6 +239,7 @@ def _restore(ckpt: Path, model, optimizer, scheduler, cfg: RunConfig, dist: Dist
             or resumed.feature_dim != model.feature_dim:
         raise AttncapError(f"checkpoint {ckpt} was trained with another model, vocabulary or encoder; "
                            "pass --no-resume to start over, or use a new --run directory")
+    _check_resumable(ckpt, ckpt_cfg, cfg, dist)
     model.load_state_dict(resumed.state_dict())
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
@@ -256,6 +257,30 @@ def _restore(ckpt: Path, model, optimizer, scheduler, cfg: RunConfig, dist: Dist
     state = TrainState(**{k: v for k, v in json.loads(saved["train_state"]).items() if k in fields})
     state.preempted = ""
     return state
+
+
+# Settings a resumed run cannot honour: the optimizer state restored from the checkpoint carries
+# the old lr and weight decay, and the saved position points into the old epoch plan.
+FIXED_ON_RESUME = ("lr", "weight_decay", "batch_size", "captions_per_image", "seed")
+# Settings a resumed run applies from the next step on: the run is no longer the uninterrupted one.
+CHANGED_ON_RESUME = ("epochs", "warmup_steps", "min_lr_ratio", "grad_clip", "precision")
+
+
+def _check_resumable(ckpt: Path, saved: RunConfig, cfg: RunConfig, dist: Dist) -> None:
+    """Refuse a resume whose changed settings would be ignored; note the ones applied from now on."""
+    def changed(keys):
+        return [f"train.{k} {getattr(saved.train, k)!r} -> {getattr(cfg.train, k)!r}" for k in keys
+                if getattr(saved.train, k) != getattr(cfg.train, k)]
+
+    fixed = changed(FIXED_ON_RESUME)
+    if fixed:
+        raise AttncapError(f"cannot resume from {ckpt} with {', '.join(fixed)}: a resumed run keeps the "
+                           "checkpoint's optimizer and epoch plan; undo the change, or pass --no-resume "
+                           "to start over with it")
+    applied = changed(CHANGED_ON_RESUME)
+    if applied and dist.is_main:
+        print(f"note: resuming with {', '.join(applied)}: applied from the next step on, so the run is "
+              "no longer identical to an uninterrupted one", flush=True)
 
 
 def train(run_dir: str | Path, cfg: RunConfig, resume: bool = True, progress: bool = True,
@@ -291,12 +316,18 @@ def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, t
                                            cfg.train.captions_per_image))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
         per_epoch * cfg.train.epochs, cfg.train.warmup_steps, cfg.train.min_lr_ratio))
-    latest = run_dir / "checkpoints" / "latest"
+    latest = recover_folder(run_dir / "checkpoints" / "latest")
+    recover_folder(run_dir / "checkpoints" / "best")
     if resume and (latest / "state.pt").is_file():
         state = _restore(latest, model, optimizer, scheduler, cfg, dist)
     else:
         state = TrainState()
         _seed_rank(cfg, dist)
+        if resume and dist.is_main and read_jsonl(run_dir / "train" / "metrics.jsonl"):
+            print(f"note: no checkpoint in {latest}, so training starts from scratch and "
+                  "train/metrics.jsonl starts over", flush=True)
+    if dist.is_main:  # only now: a refused resume leaves the run's config as it was
+        write_json(run_dir / "config.json", config_lib.to_dict(cfg))
     bf16 = _bf16(cfg.train.precision, dist.device)
     if dist.is_main:
         where = f"; resuming epoch {state.epoch + 1} after batch {state.batch_in_epoch}" if state.step else ""
@@ -375,7 +406,7 @@ def _stop_for_signal(t: Trainer, run_dir: Path, vocab: Vocab, encoder_info: dict
 
 def _stop_reason(cfg: RunConfig, state: TrainState) -> str:
     """Why training should not start another epoch (early stopping, time budget), or ""."""
-    if state.stale_epochs >= cfg.train.patience:
+    if cfg.train.patience and state.stale_epochs >= cfg.train.patience:
         return f"no better val CIDEr for {state.stale_epochs} epochs (train.patience)"
     if cfg.train.max_minutes and state.seconds >= 60 * cfg.train.max_minutes:
         return f"time budget of {cfg.train.max_minutes} min reached (train.max_minutes)"
@@ -390,7 +421,7 @@ def _checkpoint(t: Trainer, run_dir: Path, vocab: Vocab, encoder_info: dict, imp
         saved = {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
                  "rng": rng, "train_state": json.dumps(state)}
         folder = run_dir / "checkpoints"
-        save_checkpoint(folder / "latest", t.model, vocab, t.cfg, encoder_info, saved)
-        if improved:
+        if improved:  # before latest, the commit: a kill in between replays the epoch, best again
             save_checkpoint(folder / "best", t.model, vocab, t.cfg, encoder_info)
+        save_checkpoint(folder / "latest", t.model, vocab, t.cfg, encoder_info, saved)
     t.dist.barrier()

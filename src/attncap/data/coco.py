@@ -1,4 +1,4 @@
-"""MS-COCO 2014 on disk: resumable, verified downloads and extraction that is never half done.
+"""MS-COCO 2014 on disk: resumable, verified downloads and extraction that never destroys a file.
 
 Layout under the root folder (``attncap data coco2014 --root ROOT``)::
 
@@ -7,12 +7,11 @@ Layout under the root folder (``attncap data coco2014 --root ROOT``)::
     annotations/captions_{train,val}2014.json
     karpathy/dataset_coco.json           Karpathy's split (train 113,287 with restval / val 5k / test 5k)
 
-A download streams to ``NAME.part``, resumes with an HTTP ``Range`` request after a dropped
-connection (or a killed process), and gets its final name only once its size and checksum are
-verified. An archive is extracted into ``FOLDER.tmp-extract``, renamed to ``FOLDER`` and then
-marked with ``FOLDER/.complete``; a folder without the marker is extracted again, and a folder
-with it is reused without downloading anything. A mirror (``--mirror URL`` or the environment
-variable ``ATTNCAP_COCO_MIRROR``) serves the same file names from one base address.
+A download streams to ``NAME.part``, resumes with HTTP ``Range`` after a dropped connection or a
+kill, and gets its final name once verified and fsynced. Extraction keeps what ``FOLDER`` already
+holds (members with the zip's sizes; other files are never touched), writes each missing member
+through a temporary name and marks ``FOLDER/.complete`` last; a marked folder is reused without
+downloading. A mirror (``--mirror URL`` or ``ATTNCAP_COCO_MIRROR``) serves the same file names.
 """
 
 from __future__ import annotations
@@ -29,15 +28,17 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable
 
 from tqdm import tqdm
 
 from ..errors import AttncapError
-from ..files import write_json
+from ..files import TMP_TAG, fault_point, fsync_dir, fsync_file, write_json
 
 MIRROR_ENV = "ATTNCAP_COCO_MIRROR"
 MARKER = ".complete"
 CHUNK = 1 << 20
+PART_TAG = f"{TMP_TAG}part"  # ".NAME.attncap-tmp-part": a member being extracted
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,16 @@ class Archive:
     folder: str               # extracted into ROOT/folder; a leading "folder/" in member names is dropped
     size: int | None = None   # bytes, when known
     sha256: str | None = None
-    members: str = "*"        # glob over member names (after the prefix is dropped)
+    members: tuple[str, ...] = ("*",)        # globs over member names (after the prefix is dropped)
     images: bool = False      # skipped by --no-images
+    files: tuple[tuple[str, int], ...] = ()  # the chosen members' (name, bytes), when known without the zip
 
 
 # Sizes and SHA-256 digests as listed by TensorFlow Datasets
 # (tensorflow/datasets, tensorflow_datasets/url_checksums/coco_captions.txt). The MD5s other
 # projects list (e.g. salesforce/LAVIS: train2014 0da8c0bd3d6becc4dcb32757491aca88, val2014
-# a3d79f5ed8d289b7a7554ce06a5782b3) name the same files; SHA-256 is the stronger check.
+# a3d79f5ed8d289b7a7554ce06a5782b3) name the same files; SHA-256 is the stronger check. Their
+# members' sizes (``files``) are published nowhere we could check, so they are left unknown.
 TRAIN2014 = Archive("train2014.zip", "http://images.cocodataset.org/zips/train2014.zip", "train2014",
                     13_510_573_713, "ede4087e640bddba550e090eae701092534b554b42b05ac33f0300b984b31775",
                     images=True)
@@ -66,11 +69,11 @@ VAL2014 = Archive("val2014.zip", "http://images.cocodataset.org/zips/val2014.zip
 ANNOTATIONS2014 = Archive(
     "annotations_trainval2014.zip", "http://images.cocodataset.org/annotations/annotations_trainval2014.zip",
     "annotations", 252_872_794, "031296bbc80c45a1d1f76bf9a90ead27e94e99ec629208449507a4917a3bf009",
-    members="captions_*2014.json")
+    members=("captions_*2014.json",))
 KARPATHY = Archive(
     "caption_datasets.zip", "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip",
     "karpathy", 36_745_453, "4cfd70132527b80933105e5829dc9034eaab9573482e2e680abbab6130244817",
-    members="dataset_coco.json")
+    members=("dataset_coco.json",))
 COCO2014 = (ANNOTATIONS2014, KARPATHY, VAL2014, TRAIN2014)
 
 
@@ -88,12 +91,14 @@ def is_complete(folder: str | Path) -> bool:
 
 
 def download(url: str, dest: str | Path, size: int | None = None, sha256: str | None = None,
-             retries: int = 4, backoff: float = 2.0, timeout: float = 60.0, progress: bool = True) -> Path:
+             retries: int = 4, backoff: float = 2.0, timeout: float = 60.0, progress: bool = True,
+             is_whole: Callable[[Path], bool] | None = None) -> Path:
     """Download ``url`` to ``dest`` through ``dest.part``, resuming and verifying; reuse a present ``dest``.
 
     A dropped connection is retried ``retries`` times in a row without progress (waiting
-    ``backoff * 2**k`` seconds); each retry asks only for the missing bytes. A file whose size or
-    SHA-256 does not match is deleted and reported, never renamed to ``dest``.
+    ``backoff * 2**k`` seconds); each retry asks only for the missing bytes. A body shorter than
+    ``size`` (or Content-Length, Content-Range), or, when no size is known, one ``is_whole`` rejects,
+    counts as dropped. A file whose size or SHA-256 does not match is deleted, never renamed.
     """
     dest = Path(dest)
     if dest.is_file():
@@ -107,7 +112,9 @@ def download(url: str, dest: str | Path, size: int | None = None, sha256: str | 
     while True:
         before = part.stat().st_size if part.is_file() else 0
         try:
-            _transfer(url, part, size, timeout, progress)
+            total = _transfer(url, part, size, timeout, progress)
+            if total is None and is_whole is not None and not is_whole(part):
+                raise _Dropped("the connection closed before the end of the file")
             break
         except _Dropped as exc:
             failures = 1 if part.is_file() and part.stat().st_size > before else failures + 1
@@ -118,12 +125,21 @@ def download(url: str, dest: str | Path, size: int | None = None, sha256: str | 
             tqdm.write(f"{dest.name}: {exc}; retrying in {wait:.0f} s")
             time.sleep(wait)
     _verify(part, url, size, sha256, progress)
-    os.replace(part, dest)
+    _publish(part, dest)
     return dest
 
 
-def _transfer(url: str, part: Path, size: int | None, timeout: float, progress: bool) -> int:
-    """One request: append the missing bytes to ``part``; returns the full size once it is all there."""
+def _publish(part: Path, dest: Path) -> None:
+    """Give a verified download its final name, durably: data fsynced first, the folder after."""
+    fsync_file(part)
+    fault_point(f"downloaded {dest.name}")
+    os.replace(part, dest)
+    fault_point(f"rename {dest.name}")
+    fsync_dir(dest.parent)
+
+
+def _transfer(url: str, part: Path, size: int | None, timeout: float, progress: bool) -> int | None:
+    """One request: append the missing bytes to ``part``; returns the full size, None if nobody states it."""
     have = part.stat().st_size if part.is_file() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     try:
@@ -138,17 +154,27 @@ def _transfer(url: str, part: Path, size: int | None, timeout: float, progress: 
             raise _Dropped("server answered with another range; starting over")
         if response.status != 206:
             have = 0  # the server ignored Range (200): the body is the whole file
-        length = response.headers.get("Content-Length")
-        total = have + int(length) if length is not None else None
+        total = _full_size(response, have)
         if size is not None and total is not None and total != size:
             part.unlink(missing_ok=True)
             raise AttncapError(f"{url} is {total} bytes where {size} are expected; if this mirror "
                                "serves other files, pass --no-checksums")
+        total = size if total is None else total  # no Content-Length: the known size tells a short body
         _stream(response, part, have, total, progress)
     got = part.stat().st_size
     if total is not None and got < total:
         raise _Dropped(f"connection closed after {got} of {total} bytes")
-    return got
+    return total
+
+
+def _full_size(response, have: int) -> int | None:
+    """The whole file's size as the server states it: Content-Range's total, or offset + Content-Length."""
+    if response.status == 206:
+        total = response.headers.get("Content-Range", "").rpartition("/")[2]
+        if total.isdigit():
+            return int(total)
+    length = response.headers.get("Content-Length", "")
+    return have + int(length) if length.isdigit() else None
 
 
 def _stream(response, part: Path, have: int, total: int | None, progress: bool) -> None:
@@ -164,6 +190,8 @@ def _stream(response, part: Path, have: int, total: int | None, progress: bool) 
             if not chunk:
                 return
             out.write(chunk)  # a full disk is an OSError here, not a dropped connection
+            out.flush()  # a kill from here on keeps this chunk: the next run resumes after it
+            fault_point(f"download {part.name}")
             bar.update(len(chunk))
 
 
@@ -213,41 +241,93 @@ def _sha256(path: Path, progress: bool) -> str:
     return digest.hexdigest()
 
 
-def extract(archive: str | Path, folder: str | Path, members: str = "*", progress: bool = True) -> Path:
-    """Extract the members of a zip matching ``members`` into ``folder``, all or nothing.
+def extract(archive: str | Path, folder: str | Path, members: str | tuple[str, ...] = ("*",),
+            progress: bool = True) -> Path:
+    """Extract the members of a zip matching the glob(s) ``members`` into ``folder``, adopting what is there.
 
-    Works in ``FOLDER.tmp-extract`` and renames it; ``FOLDER/.complete`` is written last. A
-    damaged archive (bad CRC, truncated) raises :class:`zipfile.BadZipFile` and leaves no folder.
+    A member already on disk with the size the zip lists is kept; each missing one is written as
+    ``.NAME.attncap-tmp-part``, fsynced and renamed, so a kill leaves whole files only. Other files
+    in ``folder`` are never touched; one with a member's name and another size raises
+    :class:`AttncapError` (it may be the user's). ``FOLDER/.complete`` is written last. A damaged
+    archive (bad CRC, truncated) raises :class:`zipfile.BadZipFile` and removes what this call wrote.
     """
     archive, folder = Path(archive), Path(folder)
     if is_complete(folder):
         return folder
-    tmp = folder.with_name(folder.name + ".tmp-extract")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(folder, ignore_errors=True)  # no marker: an interrupted earlier attempt
+    shutil.rmtree(folder.with_name(folder.name + ".tmp-extract"), ignore_errors=True)  # attncap <= 0.1
+    patterns = (members,) if isinstance(members, str) else tuple(members)
+    created, done = not folder.exists(), []
     try:
         with zipfile.ZipFile(archive) as zf:
-            chosen = _chosen_members(zf, folder.name, members, archive)
-            bar = tqdm(total=sum(info.file_size for info, _ in chosen), unit="B", unit_scale=True,
-                       unit_divisor=1024, desc=f"extract {archive.name}", disable=not progress,
-                       dynamic_ncols=True)
-            with bar:
-                for info, name in chosen:
-                    target = tmp.joinpath(*name.parts)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as src, open(target, "wb") as dst:
-                        while block := src.read(CHUNK):  # zipfile checks the CRC at the end
-                            dst.write(block)
-                            bar.update(len(block))
+            chosen = _chosen_members(zf, folder.name, patterns, archive)
+            names = [str(name) for _, name in chosen]
+            missing = set(_missing(folder, [(str(n), i.file_size) for i, n in chosen], archive.name))
+            _remove_temps(folder, names)
+            todo = [(info, folder.joinpath(*name.parts)) for info, name in chosen if str(name) in missing]
+            with tqdm(total=sum(info.file_size for info, _ in todo), unit="B", unit_scale=True,
+                      unit_divisor=1024, desc=f"extract {archive.name}", disable=not progress,
+                      dynamic_ncols=True) as bar:
+                for info, target in todo:
+                    _extract_one(zf, info, target, bar)
+                    done.append(target)
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for path in done:  # only what this call wrote from the damaged archive
+            path.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
         raise zipfile.BadZipFile(str(exc)) from None
-    os.replace(tmp, folder)
-    write_json(folder / MARKER, {"archive": archive.name, "files": len(chosen)})
+    _mark(folder, archive.name, names)
     return folder
 
 
-def _chosen_members(zf: zipfile.ZipFile, prefix: str, pattern: str, archive: Path
+def _missing(folder: Path, wanted: Iterable[tuple[str, int]], source: str) -> list[str]:
+    """The names of ``wanted`` ((name, bytes) pairs) not yet in ``folder``; another size there is an error."""
+    missing = []
+    for name, size in wanted:
+        path = folder / name
+        if not path.exists():
+            missing.append(name)
+        elif not path.is_file() or path.stat().st_size != size:
+            found = f"{path.stat().st_size} bytes" if path.is_file() else "not a file"
+            raise AttncapError(f"{path} is {found} but {source} holds {size} bytes under that name; "
+                               "move it away to keep it, or delete it to let attncap extract it")
+    return missing
+
+
+def _remove_temps(folder: Path, names: list[str]) -> None:
+    """Members a killed run was writing (``.NAME.attncap-tmp-part``; the marker's are files.py's)."""
+    for sub in {(folder / name).parent for name in names} | {folder}:
+        for stale in sub.glob(f".*{PART_TAG}"):
+            stale.unlink(missing_ok=True)
+
+
+def _extract_one(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, bar) -> None:
+    """One member through a temporary name: written, fsynced, renamed (its folder is fsynced by _mark)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}{PART_TAG}")
+    try:
+        with zf.open(info) as src, open(tmp, "wb") as dst:
+            while block := src.read(CHUNK):  # zipfile checks the CRC at the end
+                dst.write(block)
+                bar.update(len(block))
+            dst.flush()
+            os.fsync(dst.fileno())
+        fault_point(f"extracted {target.name}")
+        os.replace(tmp, target)
+        fault_point(f"rename {target.name}")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _mark(folder: Path, source: str, names: list[str]) -> None:
+    """Make the renames inside ``folder`` durable, then write the marker that says it is complete."""
+    for sub in sorted({(folder / name).parent for name in names}):
+        fsync_dir(sub)
+    fault_point(f"mark {folder.name}")
+    write_json(folder / MARKER, {"archive": source, "files": len(names)})
+
+
+def _chosen_members(zf: zipfile.ZipFile, prefix: str, patterns: tuple[str, ...], archive: Path
                     ) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
     """(member, relative path) pairs to extract, leading ``prefix/`` dropped; unsafe names refused."""
     chosen = []
@@ -260,23 +340,38 @@ def _chosen_members(zf: zipfile.ZipFile, prefix: str, pattern: str, archive: Pat
                                "it is not a COCO archive")
         if name.parts[0] == prefix and len(name.parts) > 1:
             name = PurePosixPath(*name.parts[1:])
-        if fnmatch.fnmatch(str(name), pattern):
+        if any(fnmatch.fnmatch(str(name), pattern) for pattern in patterns):
             chosen.append((info, name))
     if not chosen:
-        raise AttncapError(f"archive {archive} holds no member matching {pattern!r}")
+        raise AttncapError(f"archive {archive} holds no member matching {' or '.join(patterns)}")
     return chosen
+
+
+def _adopt(archive: Archive, folder: Path) -> bool:
+    """Mark ``folder`` complete without the zip when it holds every member of ``archive.files``."""
+    if not archive.files or not folder.is_dir() or _missing(folder, archive.files, archive.name):
+        return False
+    names = [name for name, _ in archive.files]
+    _remove_temps(folder, names)
+    _mark(folder, archive.name, names)
+    return True
 
 
 def fetch(archive: Archive, root: str | Path, mirror: str | None = None, checksums: bool = True,
           progress: bool = True, **download_args) -> Path:
-    """Download and extract one archive under ``root`` (reusing what is complete); returns its folder."""
+    """Download and extract one archive under ``root`` (reusing what is complete); returns its folder.
+
+    With ``checksums`` (the official archives), a folder already holding ``archive.files`` is
+    adopted without a download; a file there of another size stops before the download.
+    """
     root = Path(root)
     folder = root / archive.folder
-    if is_complete(folder):
+    if is_complete(folder) or (checksums and _adopt(archive, folder)):
         return folder
     zip_path = root / "downloads" / archive.name
     download(archive_url(archive, mirror), zip_path, archive.size if checksums else None,
-             archive.sha256 if checksums else None, progress=progress, **download_args)
+             archive.sha256 if checksums else None, progress=progress, is_whole=zipfile.is_zipfile,
+             **download_args)
     try:
         return extract(zip_path, folder, archive.members, progress)
     except zipfile.BadZipFile as exc:

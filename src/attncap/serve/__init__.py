@@ -1,8 +1,9 @@
 """Serving a trained model: HTTP API with micro-batching, a web page, and a uvicorn runner."""
 
-from .app import CaptionOptions, ServeLimits, create_app
+from .admission import DecodePool, MemoryBudget
+from .app import CaptionOptions, ServeLimits, begin_shutdown, create_app
 from .batching import MicroBatcher
 from .server import background_server, bind, run_server
 
-__all__ = ["CaptionOptions", "MicroBatcher", "ServeLimits", "background_server", "bind", "create_app",
-           "run_server"]
+__all__ = ["CaptionOptions", "DecodePool", "MemoryBudget", "MicroBatcher", "ServeLimits",
+           "background_server", "begin_shutdown", "bind", "create_app", "run_server"]

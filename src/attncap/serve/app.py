@@ -9,6 +9,11 @@ Every refused request gets a 4xx with a JSON body ``{"error": "..."}`` that says
 the server keeps serving. Bodies over the upload limit are refused from their Content-Length
 before anything is read, or as soon as the streamed bytes pass the limit; pixel bombs are refused
 from the image header (:func:`attncap.images.decode_image`).
+
+Memory stays within bounds (:mod:`attncap.serve.admission`): each request holds a share of a byte
+budget, an upload is decoded once in one of a few threads and at once cut down to the encoder's
+input, and past the budget a request gets a 503 with ``Retry-After``. A client that disconnects
+is dropped before the model runs; on shutdown every pending request is answered.
 """
 
 from __future__ import annotations
@@ -20,20 +25,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..errors import AttncapError
 from ..images import DEFAULT_MAX_PIXELS, decode_image
 from ..predict import Prediction, Predictor
-from .batching import MicroBatcher
+from .admission import MB, DecodePool, MemoryBudget
+from .batching import MicroBatcher, shutting_down
 
 STATIC = Path(__file__).parent / "static"
 FIELD = "image"
@@ -44,13 +52,33 @@ PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """Request limits and batching settings (the ``attncap serve`` flags)."""
+    """Request limits and batching settings (the ``attncap serve`` flags).
 
-    max_upload_bytes: int = 10 * 1024 * 1024
+    ``max_queued_bytes`` bounds the memory held for requests (see :mod:`attncap.serve.admission`);
+    ``max_queue`` bounds both the requests waiting for a decode thread and those waiting for the
+    model; ``max_connections`` is uvicorn's ``limit_concurrency``, a backstop (plain 503s past it).
+    """
+
+    max_upload_bytes: int = 10 * MB
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_batch: int = 16
     max_wait_ms: float = 5.0
     max_queue: int = 256
+    max_queued_bytes: int = 1024 * MB
+    decode_workers: int = 2
+    upload_timeout_s: float = 60.0
+    max_connections: int = 1024
+
+    def __post_init__(self):
+        if self.max_upload_bytes <= 0 or self.max_batch < 1 or self.max_wait_ms < 0:
+            raise AttncapError("--max-upload-mb must be positive, --max-batch at least 1, --max-wait-ms >= 0")
+        if self.max_queued_bytes < 2 * self.max_upload_bytes:
+            raise AttncapError(f"--max-queue-mb ({self.max_queued_bytes / MB:g}) must be at least twice "
+                               f"--max-upload-mb ({self.max_upload_bytes / MB:g}): an upload is held "
+                               "twice while it is read")
+        if self.decode_workers < 1 or self.upload_timeout_s <= 0 or self.max_queue < 1:
+            raise AttncapError("--decode-workers and --max-queue must be at least 1, --upload-timeout "
+                               "positive")
 
 
 @dataclass(frozen=True)
@@ -127,17 +155,33 @@ async def _user_error(request: Request, exc: AttncapError) -> JSONResponse:
     return _error(400, str(exc))
 
 
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    request.app.state.disconnected += 1
+    return Response(status_code=499)  # nobody reads it: uvicorn drops sends to a closed connection
+
+
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
+    app.state.decoder.start()
     await app.state.batcher.start()
     try:
         yield
     finally:
         await app.state.batcher.stop()
+        app.state.decoder.stop()
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """Refuse new work and answer every waiting request with a 503; the running batch finishes.
+
+    :mod:`attncap.serve.server` calls this before uvicorn waits for open requests, so they end
+    at once instead of at its graceful-shutdown timeout (the lifespan's end does it otherwise).
+    """
+    app.state.batcher.close()
 
 
 def create_app(predictor: Predictor, limits: ServeLimits = ServeLimits()) -> FastAPI:
@@ -146,13 +190,17 @@ def create_app(predictor: Predictor, limits: ServeLimits = ServeLimits()) -> Fas
                          description="Image captioning with attention (Show, Attend and Tell). "
                                      "POST an image to /caption; the web page is at /.")
     app.state.predictor, app.state.limits = predictor, limits
-    app.state.batcher = MicroBatcher(lambda images, o: predictor.caption(images, o.beam_size, o.n_best,
-                                                                         o.max_len),
-                                     limits.max_batch, limits.max_wait_ms, limits.max_queue)
+    app.state.batcher = MicroBatcher(lambda pixels, o: predictor.caption_pixels(
+        torch.stack(pixels), o.beam_size, o.n_best, o.max_len),
+        limits.max_batch, limits.max_wait_ms, limits.max_queue)
+    app.state.budget = MemoryBudget(limits.max_queued_bytes)
+    app.state.decoder = DecodePool(limits.decode_workers, limits.max_queue)
+    app.state.disconnected = 0  # clients gone before their answer (mid-upload, decode or queue)
     app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(AttncapError, _user_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _server_error)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -175,19 +223,27 @@ async def page() -> FileResponse:
 
 @router.get("/health")
 async def health(request: Request) -> dict:
-    """The model is loaded and the batching worker runs; queue and batch counters."""
+    """The model is loaded and the batching worker runs; queue, memory and batch counters."""
     state = request.app.state
-    return {"status": "ok", "model": state.predictor.describe(), "waiting": state.batcher.waiting,
-            "batches": state.batcher.batches, "served": state.batcher.served,
-            "limits": {"max_upload_bytes": state.limits.max_upload_bytes,
-                       "max_pixels": state.limits.max_pixels, "max_batch": state.limits.max_batch}}
+    batcher, limits = state.batcher, state.limits
+    return {"status": "shutting down" if batcher.closing else "ok", "model": state.predictor.describe(),
+            "waiting": batcher.waiting, "collected": batcher.collected, "decoding": state.decoder.pending,
+            "held_bytes": state.budget.used, "batches": batcher.batches, "served": batcher.served,
+            "disconnected": state.disconnected, "dropped": batcher.dropped,
+            "refused_for_memory": state.budget.refused,
+            "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
+                       "max_batch": limits.max_batch, "max_queue": limits.max_queue,
+                       "max_queued_bytes": limits.max_queued_bytes,
+                       "decode_workers": limits.decode_workers}}
 
 
 @router.post("/caption", response_model=CaptionResponse, openapi_extra=UPLOAD_BODY,
              responses={400: {"description": "not a readable image, or no image sent"},
-                        413: {"description": "upload over the size limit"},
+                        408: {"description": "upload slower than the upload timeout"},
+                        413: {"description": "upload (or its decoded image) over a size limit"},
                         422: {"description": "invalid options"},
-                        503: {"description": "too many requests waiting"}})
+                        503: {"description": "too many requests or bytes waiting, or shutting "
+                                             "down; see Retry-After"}})
 async def caption(request: Request,
                   beam_size: int | None = Query(None, ge=1, le=MAX_BEAM, description="default: the model's"),
                   n_best: int = Query(1, ge=1, le=MAX_BEAM, description="alternatives to return"),
@@ -199,19 +255,91 @@ async def caption(request: Request,
     options = CaptionOptions(beam_size or d.beam_size, n_best, max_len or d.max_len)
     if options.n_best > options.beam_size:
         raise HTTPException(422, f"n_best ({n_best}) cannot exceed beam_size ({options.beam_size})")
-    data, name = await _read_upload(request)
-    read = time.perf_counter()
-    image = await asyncio.to_thread(decode_image, data, name, state.limits.max_pixels)
-    decoded = time.perf_counter()
-    preds, batch = await state.batcher.submit(image, options)
+    if state.batcher.closing:
+        raise shutting_down()
+    with state.budget.hold(2 * _declared_length(request, state.limits), "this upload") as held:
+        data, name = await _read_upload(request, state.limits, state.batcher.closed)
+        held.resize(len(data), "this upload")
+        read = time.perf_counter()
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            pixels, size = await _unless(gone, state.decoder.run(
+                _model_input, state.predictor, data, name, state.limits.max_pixels))
+            del data  # from here on only the encoder's input is kept
+            held.resize(pixels.nbytes, "this image")
+            decoded = time.perf_counter()
+            preds, batch = await _unless(gone, state.batcher.submit(pixels, options))
+        finally:
+            gone.cancel()
     timings = {"read_ms": (read - started) * 1e3, "decode_image_ms": (decoded - read) * 1e3,
                "queue_ms": batch.queue_ms, "model_ms": batch.model_ms, "batch_size": batch.batch_size,
                "total_ms": (time.perf_counter() - started) * 1e3}
-    return _response(preds, image.size, options, timings, state.predictor.info["grid"])
+    return _response(preds, size, options, timings, state.predictor.info["grid"])
 
 
-async def _read_upload(request: Request) -> tuple[bytes, str]:
-    """The uploaded bytes and a name for error messages; multipart or raw body."""
+def _declared_length(request: Request, limits: ServeLimits) -> int:
+    """The upload's Content-Length, or the upload limit for a chunked one (its size is unknown)."""
+    declared = request.headers.get("content-length", "")
+    return min(int(declared), limits.max_upload_bytes) if declared.isdigit() else limits.max_upload_bytes
+
+
+def _model_input(predictor: Predictor, data: bytes, name: str,
+                 max_pixels: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Upload bytes -> (the encoder's input, uint8 (3, S, S); the image's (width, height)).
+
+    Runs in a decode thread: the full-size image exists only here.
+    """
+    image = decode_image(data, name, max_pixels)
+    return predictor.pixels(image), image.size
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (after the body was read, the next message says so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless(gone: asyncio.Future, work):
+    """The result of ``work``, or ``ClientDisconnect`` once ``gone`` is done first.
+
+    Cancelling ``work`` cancels what it awaits: a decode not yet started never runs, and a queued
+    request's future is cancelled, so the batcher leaves it out of the model call.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        finished = task.done()
+        task.cancel()  # a no-op once it finished
+    if not finished:
+        raise ClientDisconnect()
+    return task.result()
+
+
+async def _read_upload(request: Request, limits: ServeLimits,
+                       closed: asyncio.Event) -> tuple[bytes, str]:
+    """The uploaded bytes and a name for error messages.
+
+    408 when the body takes over ``limits.upload_timeout_s``; 503 when the server starts shutting
+    down meanwhile (``closed``), so no request is left unanswered by a slow upload.
+    """
+    reading, closing = asyncio.ensure_future(_read_body(request)), asyncio.ensure_future(closed.wait())
+    try:
+        done, _ = await asyncio.wait({reading, closing}, timeout=limits.upload_timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        closing.cancel()
+        reading.cancel()  # a no-op once it finished
+    if reading in done:
+        return reading.result()
+    if closed.is_set():
+        raise shutting_down()
+    raise HTTPException(408, f"upload not complete after {limits.upload_timeout_s:g} s: send it "
+                             "faster, or raise attncap serve --upload-timeout")
+
+
+async def _read_body(request: Request) -> tuple[bytes, str]:
+    """Multipart field ``image`` or the raw body."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         async with request.form(max_files=1, max_fields=16) as form:
             upload = form.get(FIELD)

@@ -4,7 +4,9 @@ Captioning one image costs nearly as much per step as captioning sixteen (the de
 word; per-step overhead dominates on small batches), so under load the server collects waiting
 requests into a batch. One worker task drains an asyncio queue: it takes the first request, then
 whatever else arrives within ``max_wait_ms`` up to ``max_batch``, groups the requests by their
-decoding options, and runs each group in a thread so the event loop keeps accepting uploads.
+decoding options, and runs each group in the batcher's own model thread so the event loop keeps
+accepting uploads. (One thread, always the same: with the event loop's shared pool, each thread
+that ran a batch kept its own malloc arena with a batch's activations in it.)
 An idle server adds at most ``max_wait_ms`` of latency to a lone request.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
@@ -27,7 +30,7 @@ class BatchInfo:
     model_ms: float   # the model call itself
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity (items may be tensors)
 class _Job:
     item: Any
     options: Hashable
@@ -43,7 +46,11 @@ class MicroBatcher:
 
     ``start()`` and ``stop()`` belong to the server's lifespan. ``submit`` raises a 503
     ``HTTPException`` when ``max_queue`` requests are already waiting (overload is refused quickly
-    instead of piling up timeouts).
+    instead of piling up timeouts). A request whose future is cancelled before its batch runs (its
+    client went away) is left out of the model call and counted in ``dropped``.
+
+    Shutting down (:meth:`close`, then :meth:`stop`): the batch already in the model finishes and
+    is delivered; every other request, queued or collected into a later batch, gets a 503 at once.
     """
 
     def __init__(self, run_batch: RunBatch, max_batch: int = 16, max_wait_ms: float = 5.0,
@@ -53,32 +60,59 @@ class MicroBatcher:
                              f"{max_batch}, {max_wait_ms}, {max_queue}")
         self.run_batch, self.max_batch = run_batch, max_batch
         self.max_wait, self.max_queue = max_wait_ms / 1000.0, max_queue
-        self.batches = self.served = 0
+        self.batches = self.served = self.dropped = 0
+        self.closing = False
+        self.closed = asyncio.Event()  # set by close(): uploads still being read stop at once
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
+        self._held: list[_Job] = []      # taken from the queue, not yet answered
+        self._running: list[_Job] = []   # the part of _held inside the model call now
+        self._current: asyncio.Task | None = None  # that model call
+        self._thread: ThreadPoolExecutor | None = None
 
     @property
     def waiting(self) -> int:
         return self._queue.qsize() if self._queue is not None else 0
 
+    @property
+    def collected(self) -> int:
+        """Requests taken into a batch and not yet answered (the running ones included)."""
+        return sum(not j.future.done() for j in self._held)
+
     async def start(self) -> None:
         self._queue = asyncio.Queue(self.max_queue)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="attncap-model")
         self._worker = asyncio.create_task(self._work(), name="attncap-batcher")
 
-    async def stop(self) -> None:
-        """Stop the worker; requests still waiting get a 503."""
+    def close(self) -> None:
+        """Refuse new requests and answer every waiting one but the running batch with a 503."""
+        self.closing = True
+        self.closed.set()
+        while self._queue is not None and not self._queue.empty():
+            _refuse(self._queue.get_nowait())
+        for job in self._held:
+            if job not in self._running:
+                _refuse(job)
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """:meth:`close`, let the running batch deliver (``timeout`` s at most), stop the worker."""
+        self.close()
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-        while self._queue is not None and not self._queue.empty():
-            job = self._queue.get_nowait()
-            if not job.future.done():
-                job.future.set_exception(HTTPException(503, "server is shutting down"))
+        if self._current is not None and not self._current.done():
+            await asyncio.wait([self._current], timeout=timeout)
+        for job in self._held:
+            _refuse(job)
+        if self._thread is not None:
+            self._thread.shutdown(wait=False)
 
     async def submit(self, item: Any, options: Hashable) -> tuple[Any, BatchInfo]:
         """Queue one item; returns its result and how it was batched."""
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not called (run the app with its lifespan)")
+        if self.closing:
+            raise shutting_down()
         job = _Job(item, options, asyncio.get_running_loop().create_future())
         try:
             self._queue.put_nowait(job)
@@ -89,17 +123,25 @@ class MicroBatcher:
 
     async def _work(self) -> None:
         while True:
-            jobs = await self._collect()
+            await self._collect(self._held)
             groups: dict[Hashable, list[_Job]] = {}
-            for job in jobs:
+            for job in self._held:
                 groups.setdefault(job.options, []).append(job)
             for options, group in groups.items():
-                await self._run(options, [j for j in group if not j.future.done()])
+                live = [j for j in group if not j.future.done()]
+                self.dropped += sum(j.future.cancelled() for j in group)
+                if live:
+                    self._running = live
+                    self._current = asyncio.ensure_future(self._run(options, live))
+                    await asyncio.shield(self._current)  # stop() lets it finish and deliver
+                    self._running = []
+            self._held.clear()
 
-    async def _collect(self) -> list[_Job]:
-        """The first waiting job, then what arrives within ``max_wait`` (at most ``max_batch``)."""
+    async def _collect(self, jobs: list[_Job]) -> None:
+        """Into ``jobs``: the first waiting job, then what arrives within ``max_wait`` (``max_batch``
+        at most). Appends as it goes, so a cancelled worker leaves no job unaccounted for."""
         assert self._queue is not None
-        jobs = [await self._queue.get()]
+        jobs.append(await self._queue.get())
         deadline = time.perf_counter() + self.max_wait
         while len(jobs) < self.max_batch:
             if not self._queue.empty():
@@ -112,15 +154,13 @@ class MicroBatcher:
                 jobs.append(await asyncio.wait_for(self._queue.get(), remaining))
             except asyncio.TimeoutError:
                 break
-        return jobs
 
     async def _run(self, options: Hashable, jobs: list[_Job]) -> None:
         """One model call for ``jobs`` (cancelled requests were already dropped)."""
-        if not jobs:
-            return
         started = time.perf_counter()
         try:
-            results = await asyncio.to_thread(self.run_batch, [j.item for j in jobs], options)
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._thread, self.run_batch, [j.item for j in jobs], options)
         except Exception as exc:  # delivered to every waiting request; the worker keeps serving
             for job in jobs:
                 if not job.future.done():
@@ -133,3 +173,14 @@ class MicroBatcher:
             if not job.future.done():  # the client may have gone away meanwhile
                 info = BatchInfo(len(jobs), (started - job.queued) * 1000.0, model_ms)
                 job.future.set_result((result, info))
+
+
+def shutting_down() -> HTTPException:
+    """The 503 every request gets once the server stops taking work."""
+    return HTTPException(503, "server is shutting down; retry on its replacement or after restart",
+                         headers={"Retry-After": "5"})
+
+
+def _refuse(job: _Job) -> None:
+    if not job.future.done():
+        job.future.set_exception(shutting_down())

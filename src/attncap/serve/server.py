@@ -3,6 +3,10 @@
 The listening socket is bound here rather than by uvicorn, so a port in use is one clear
 :class:`AttncapError` and port 0 (an OS-chosen free port) tells its number. The background form
 serves notebooks, the tests and benchmarks: a real HTTP server in-process, stopped on exit.
+
+On Ctrl-C or SIGTERM the server stops accepting connections, the app answers every waiting
+request with a 503 and lets the batch in the model finish (:func:`attncap.serve.app.begin_shutdown`),
+then uvicorn waits up to ``GRACE_S`` for the responses to go out.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import uvicorn
 from fastapi import FastAPI
 
 from ..errors import AttncapError
+from .app import begin_shutdown
 
 LOCAL = "127.0.0.1"
+GRACE_S = 5
 
 
 def bind(host: str = LOCAL, port: int = 0) -> socket.socket:
@@ -41,9 +47,19 @@ def bind(host: str = LOCAL, port: int = 0) -> socket.socket:
     return sock
 
 
-def _server(app: FastAPI, quiet: bool) -> uvicorn.Server:
-    return uvicorn.Server(uvicorn.Config(app, log_level="warning" if quiet else "info",
-                                         access_log=not quiet, timeout_graceful_shutdown=5))
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the app first when it shuts down."""
+
+    def __init__(self, app: FastAPI, quiet: bool):
+        limits = getattr(app.state, "limits", None)
+        super().__init__(uvicorn.Config(app, log_level="warning" if quiet else "info",
+                                        access_log=not quiet, timeout_graceful_shutdown=GRACE_S,
+                                        limit_concurrency=getattr(limits, "max_connections", None)))
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if hasattr(self.config.app.state, "batcher"):
+            begin_shutdown(self.config.app)
+        await super().shutdown(sockets)
 
 
 def run_server(app: FastAPI, host: str = LOCAL, port: int = 8000, quiet: bool = False,
@@ -57,7 +73,7 @@ def run_server(app: FastAPI, host: str = LOCAL, port: int = 8000, quiet: bool = 
         print(f"warning: serving on {host}: other machines can reach this server", file=sys.stderr)
     url = f"http://{host}:{sock.getsockname()[1]}"
     print(f"attncap: {url}/ (web page), {url}/docs (API docs), {url}/health", flush=True)
-    _server(app, quiet).run(sockets=[sock])
+    _Server(app, quiet).run(sockets=[sock])
 
 
 @contextlib.contextmanager
@@ -65,7 +81,7 @@ def background_server(app: FastAPI, host: str = LOCAL, port: int = 0,
                       timeout: float = 60.0) -> Iterator[str]:
     """Serve ``app`` from a daemon thread; yields its base URL (``http://127.0.0.1:PORT``)."""
     sock = bind(host, port)
-    server = _server(app, quiet=True)
+    server = _Server(app, quiet=True)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="attncap-server",
                               daemon=True)
     thread.start()
