@@ -333,8 +333,9 @@ async def _flood(url: str, data: bytes) -> tuple[list[httpx.Response], list[floa
 
 def test_flood_past_the_queue_stays_within_memory_and_health_answers(trained_run, picture, tmp_path):
     data = _noisy_jpeg(2000)  # 1.5 MB upload; 4 megapixels, 34 MB at the peak of its decode
-    with _serve_process(trained_run, tmp_path / "serve.log", "--max-queue", "8", "--max-queue-mb", str(FLOOD_BUDGET_MB),
-                        "--max-upload-mb", "4", "--max-batch", "4", "--decode-workers", "2") as (url, pid):
+    flags = ["--max-queue", "8", "--max-queue-mb", str(FLOOD_BUDGET_MB), "--max-upload-mb", "4",
+             "--max-batch", "4", "--decode-workers", "2"]
+    with _serve_process(trained_run, tmp_path / "serve.log", *flags) as (url, pid):
         for body in (picture.read_bytes(), data):  # warm up: the model and one big decode
             assert httpx.post(f"{url}/caption", content=body, timeout=60).status_code == 200
         baseline = _status(pid)["VmRSS"]
@@ -353,3 +354,12 @@ def test_flood_past_the_queue_stays_within_memory_and_health_answers(trained_run
     print(f"flood: {statuses.count(200)} ok, {len(busy)} busy; RSS {baseline / 2**20:.0f} MB idle, "
           f"peak {peak / 2**20:.0f} MB (+{grown_mb:.0f} MB); /health max {max(health_ms):.0f} ms")
     assert grown_mb < FLOOD_BUDGET_MB + DECODING_MB + FLOOD_SLACK_MB
+
+
+def test_serve_refuses_a_budget_smaller_than_two_uploads(trained_run, capsys):
+    from attncap.cli import main
+
+    assert main(["serve", str(trained_run), "--max-queue-mb", "8", "--max-upload-mb", "10"]) == 2
+    assert "--max-queue-mb (8) must be at least twice --max-upload-mb (10)" in capsys.readouterr().err
+    assert main(["serve", str(trained_run), "--decode-workers", "0"]) == 2
+    assert "--decode-workers and --max-queue must be at least 1" in capsys.readouterr().err

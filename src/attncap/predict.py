@@ -25,6 +25,7 @@ from .checkpoint import load_model
 from .decoding import beam_search
 from .encoders import Encoder, build_encoder
 from .errors import AttncapError
+from .files import recover_folder
 from .images import DEFAULT_MAX_PIXELS, load_image
 
 ENCODER_WEIGHTS = "encoder.safetensors"  # present in exported folders only
@@ -42,7 +43,7 @@ class Prediction:
 def resolve_model_dir(path: str | Path) -> Path:
     """The folder holding ``model.safetensors``: ``path`` itself, or a run directory's best checkpoint."""
     path = Path(path)
-    for candidate in (path, path / "checkpoints" / "best"):
+    for candidate in (path, recover_folder(path / "checkpoints" / "best") if path.is_dir() else path):
         if (candidate / "model.safetensors").is_file():
             return candidate
     raise AttncapError(f"no model in {path}: expected a run directory (with checkpoints/best), a "
@@ -90,8 +91,9 @@ class Predictor:
         """The ``n_best`` captions of every image, best first; all images in one batched beam search.
 
         ``images``: a PIL image (other modes than RGB are converted with ``convert("RGB")``), a path
-        (read with :func:`attncap.images.load_image`), or a list or tuple of them. The result always has one list per image, so one image given alone
-        gives a one-element outer list: ``caption(img)[0][0]`` is its best caption.
+        (read with :func:`attncap.images.load_image`), or a list or tuple of them. The result
+        always has one list per image, so one image given alone gives a one-element outer list:
+        ``caption(img)[0][0]`` is its best caption.
         """
         loaded = _as_images(images)
         return self.caption_pixels(torch.stack([self.pixels(im) for im in loaded]), beam_size,
@@ -105,8 +107,10 @@ class Predictor:
             raise AttncapError(f"caption_pixels takes uint8 (B, 3, {s}, {s}) from Predictor.pixels, "
                                f"got {pixels.dtype} {tuple(pixels.shape)}")
         d = self.cfg.decode
+        max_len = max_len or d.max_len
         results = beam_search(self.model, self._encode(pixels), self.vocab.start, self.vocab.end,
-                              beam_size or d.beam_size, max_len or d.max_len, d.length_penalty, n_best)
+                              beam_size or d.beam_size, max_len, d.length_penalty, n_best,
+                              min(d.min_len, max_len))  # a short max_len from a request wins
         out = []
         for hyps in results:
             preds = []

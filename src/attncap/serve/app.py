@@ -240,7 +240,7 @@ async def health(request: Request) -> dict:
 @router.post("/caption", response_model=CaptionResponse, openapi_extra=UPLOAD_BODY,
              responses={400: {"description": "not a readable image, or no image sent"},
                         408: {"description": "upload slower than the upload timeout"},
-                        413: {"description": "upload (or its decoded image) over a size limit"},
+                        413: {"description": "upload over the size limit"},
                         422: {"description": "invalid options"},
                         503: {"description": "too many requests or bytes waiting, or shutting "
                                              "down; see Retry-After"}})

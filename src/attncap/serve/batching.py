@@ -61,7 +61,6 @@ class MicroBatcher:
         self.run_batch, self.max_batch = run_batch, max_batch
         self.max_wait, self.max_queue = max_wait_ms / 1000.0, max_queue
         self.batches = self.served = self.dropped = 0
-        self.closing = False
         self.closed = asyncio.Event()  # set by close(): uploads still being read stop at once
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
@@ -75,6 +74,10 @@ class MicroBatcher:
         return self._queue.qsize() if self._queue is not None else 0
 
     @property
+    def closing(self) -> bool:
+        return self.closed.is_set()
+
+    @property
     def collected(self) -> int:
         """Requests taken into a batch and not yet answered (the running ones included)."""
         return sum(not j.future.done() for j in self._held)
@@ -86,7 +89,6 @@ class MicroBatcher:
 
     def close(self) -> None:
         """Refuse new requests and answer every waiting one but the running batch with a 503."""
-        self.closing = True
         self.closed.set()
         while self._queue is not None and not self._queue.empty():
             _refuse(self._queue.get_nowait())
