@@ -83,14 +83,17 @@ def test_interrupted_extraction_resumes_to_the_same_store(prepared_run, tmp_path
     with pytest.raises(KeyboardInterrupt):
         extract_features(encoder, items, tmp_path / "cut", "val", batch_size=4, workers=0, progress=False)
     state = json.loads((tmp_path / "cut" / "val.partial.json").read_text())
-    assert state["done"] == 8 and not (tmp_path / "cut" / "val.npy").exists()
+    assert state["batches"] == [0, 1] and not (tmp_path / "cut" / "val.npy").exists()
     monkeypatch.setattr(type(encoder), "forward", real_forward)
-    seen = []
-    monkeypatch.setattr(features_lib._ImageFiles, "__len__", lambda self: seen.append(self.start) or
-                        len(self.items) - self.start)
+    real_loader, seen = features_lib.image_loader, []
+
+    def loader(*args, batches=None, **kwargs):
+        seen.append(list(batches))
+        return real_loader(*args, batches=batches, **kwargs)
+    monkeypatch.setattr(features_lib, "image_loader", loader)
     resumed = extract_features(encoder, items, tmp_path / "cut", "val", batch_size=4, workers=0,
                                progress=False)
-    assert seen and seen[0] == 8  # only the missing rows were encoded again
+    assert seen == [[2]]  # only the missing rows (8..11, the last batch) were encoded again
     np.testing.assert_array_equal(np.asarray(resumed.array), np.asarray(reference.array))
     assert not (tmp_path / "cut" / "val.partial.json").exists()
 

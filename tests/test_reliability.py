@@ -164,19 +164,19 @@ def test_a_partial_store_made_with_auto_is_continued_where_auto_chooses_otherwis
     with pytest.raises(KeyboardInterrupt):
         pipeline.features_stage(run, cfg, progress=False)
     partial = json.loads((run / "features" / "train.partial.json").read_text())
-    assert partial["precision"] == "bf16" and partial["done"] == 4
+    assert partial["precision"] == "bf16" and partial["batches"] == [0]
     # requeued on a node whose CPU has no bf16: auto would now choose fp32
     monkeypatch.setattr(encoders, "resolve_precision", lambda p, d="cpu": "fp32" if p in ("auto", "fp32") else p)
     monkeypatch.setattr(features, "fault_point", lambda label: None)
     assert pinned_precision(run / "features", "auto") == "bf16"
-    real_fill, done = features._fill, []
+    real_fill, todo = features._fill, []
 
-    def fill(encoder, items, path, state_path, state, *args):
-        done.append(state["done"])
-        real_fill(encoder, items, path, state_path, state, *args)
+    def fill(encoder, items, features_dir, split, key, batch_size, batches, *args):
+        todo.append(list(batches))
+        real_fill(encoder, items, features_dir, split, key, batch_size, batches, *args)
     monkeypatch.setattr(features, "_fill", fill)
     pipeline.features_stage(run, cfg, progress=False)
-    assert done[0] == 4  # continued, not thrown away
+    assert todo[0][0] == 1  # continued after the saved batch, not thrown away
     store = FeatureStore.open(run / "features", "train")
     assert store.manifest["precision"] == "bf16" and store.manifest["requested_precision"] == "auto"
 
@@ -189,8 +189,10 @@ def test_a_store_whose_data_was_renamed_but_manifest_not_written_is_finished(pre
     (features / "val.json").unlink()  # the kill came after the rename, before the manifest
     key = {k: manifest[k] for k in ("format", "encoder", "requested_precision", "image_ids", "files")}
     from attncap.features import _digest
-    (features / "val.partial.json").write_text(json.dumps({"key": _digest(key), "done": len(key["image_ids"]),
-                                                           "failed": [], "precision": manifest["precision"]}))
+    batch = tiny_config().encoder.batch_size
+    batches = list(range(-(-len(key["image_ids"]) // batch)))
+    (features / "val.partial.json").write_text(json.dumps({"key": _digest(key), "batch_size": batch,
+                                                           "batches": batches, "failed": []}))
     data = (features / "val.npy").read_bytes()
     assert main(["features", "--run", str(run), "--quiet"]) == 0
     assert (features / "val.npy").read_bytes() == data  # committed, not recomputed

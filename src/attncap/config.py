@@ -137,6 +137,7 @@ class EncoderConfig(Section):
     precision: str = setting("auto", choices=PRECISIONS)  # auto: bf16 where the hardware is fast at it
     batch_size: int = setting(32, 1, 4096)  # images per extraction batch
     workers: int = setting(2, 0, 256)       # JPEG decoding processes; 0 = decode in the main process
+    threads: int = setting(0, 0, 1024)      # torch threads per process; 0 = cores / processes on this node
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,8 @@ class ModelConfig(Section):
     init_from_features: bool = setting(False)    # initial state from the mean region (paper), not zeros (seed)
     gate: bool = setting(False)                  # gating scalar beta on the context vector (paper)
     dropout: float = setting(0.0, 0.0, below=1.0)  # before the output layers (paper: 0.5)
-    alpha_c: float = setting(0.0, 0.0, 100.0)    # doubly stochastic attention lambda (paper: 1.0); 0 = off
+    alpha_c: float = setting(0.0, 0.0, 100.0)    # doubly stochastic attention lambda (Xu et al. eq. 14:
+    #                                              lambda * sum over regions per caption); 0 = off
     region_positions: bool = setting(False)      # learned projection of each region's (x, y) (demo: on)
 
 
@@ -179,6 +181,12 @@ class TrainConfig(Section):
     dist_timeout_minutes: float = setting(30.0, above=0.0, hi=10080.0)  # torchrun: how long a rank waits for a
     #                                                dead or stuck peer (at most a week)
     precision: str = setting("auto", choices=PRECISIONS)  # bf16 = autocast; auto = bf16 on a GPU fast at it
+    label_smoothing: float = setting(0.0, 0.0, below=1.0)  # target weight 1 - eps, eps spread over the
+    #                                                vocabulary; 0 = plain cross-entropy
+    ss_start: int = setting(0, 0, 10_000)        # scheduled sampling from this epoch on (1 = the first); 0 = off
+    ss_every: int = setting(5, 1, 10_000)        # epochs between rises of the sampling probability
+    ss_step: float = setting(0.05, 0.0, 1.0)     # the probability at ss_start, and each rise
+    ss_max: float = setting(0.25, 0.0, 1.0)      # the probability at most
 
 
 @dataclass(frozen=True)
@@ -192,6 +200,8 @@ class DecodeConfig(Section):
     length_penalty: float = setting(0.0, 0.0, 5.0)  # score / length**length_penalty; 0 = raw log-probability
     n_best: int = setting(1, 1, 50)                # captions kept per image, at most beam_size
     eval_batch_size: int = setting(64, 1, 4096)    # images per decoding batch
+    allow_unk: bool = setting(False)               # False: <unk> is never emitted
+    block_trigrams: bool = setting(False)          # no trigram twice in one caption (self-critical.pytorch)
 
     def relations(self) -> Iterator[tuple[str, bool, str]]:
         yield "n_best", self.n_best <= self.beam_size, f"<= decode.beam_size ({self.beam_size})"

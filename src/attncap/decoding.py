@@ -3,7 +3,9 @@
 Every function decodes a batch of images at once and returns, per image, :class:`Caption` objects
 holding the word ids, the attention map behind every word and the log-probability. Evaluation,
 the CLI and the server all call these; there is no other decoding code. ``<end>`` cannot come
-before ``min_len`` words (default 1), so no caption is ever empty.
+before ``min_len`` words (default 1), so no caption is ever empty; words in ``banned`` (``<unk>``
+unless ``decode.allow_unk``) are never emitted, and ``block_trigrams`` forbids any word that would
+repeat a trigram of its caption (self-critical.pytorch's ``block_trigrams``).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from .config import DecodeConfig
 from .errors import AttncapError
 from .model import Captioner
 
@@ -39,19 +42,37 @@ Chooser = Callable[[torch.Tensor], torch.Tensor]  # log-probs (B, V) -> next wor
 PAD = 0
 
 
-def _step(model: Captioner, memory, state, words: torch.Tensor, start: int, end: int, can_end: bool):
-    """``model.step`` with ``<pad>`` and ``<start>`` made impossible as next words, and ``<end>``
-    too while ``can_end`` is False (the caption is still shorter than its minimum length).
+def options(cfg: DecodeConfig, unk: int) -> dict[str, Any]:
+    """The word rules of ``decode.*`` as keyword arguments of the functions below."""
+    return {"min_len": cfg.min_len, "banned": () if cfg.allow_unk else (unk,),
+            "block_trigrams": cfg.block_trigrams}
+
+
+def _step(model: Captioner, memory, state, words: torch.Tensor, start: int, end: int, can_end: bool,
+          banned: Sequence[int] = (), history: torch.Tensor | None = None):
+    """``model.step`` with ``<pad>``, ``<start>`` and the ``banned`` words made impossible as next
+    words, ``<end>`` too while ``can_end`` is False (the caption is still shorter than its minimum
+    length), and, given each row's words so far ``history`` (B, t), every word that would repeat
+    one of its trigrams.
 
     The remaining log-probabilities are left as they are (not renormalised), so scores stay the
     model's own; every emitted token is then a word or ``<end>``, one attention map each.
     """
     logp, alpha, state = model.step(memory, state, words)
-    logp[:, PAD] = float("-inf")
-    logp[:, start] = float("-inf")
+    logp[:, [PAD, start, *banned]] = float("-inf")
     if not can_end:
         logp[:, end] = float("-inf")
+    if history is not None and history.shape[1] >= 3:
+        logp.masked_fill_(_trigram_repeats(history, logp.shape[1]), float("-inf"))
     return logp, alpha, state
+
+
+def _trigram_repeats(history: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Words so far (B, t) -> (B, V) True at the words that would complete a trigram the row has
+    already written: the third word of every earlier trigram that starts with the last two words."""
+    same = (history[:, :-2] == history[:, -2:-1]) & (history[:, 1:-1] == history[:, -1:])  # (B, t-2)
+    hits = history.new_zeros(history.shape[0], vocab_size, dtype=torch.float)
+    return hits.scatter_add_(1, history[:, 2:], same.float()) > 0
 
 
 def _check_lengths(min_len: int, max_len: int) -> None:
@@ -62,7 +83,7 @@ def _check_lengths(min_len: int, max_len: int) -> None:
 
 @torch.inference_mode()
 def _sequential(model: Captioner, features: torch.Tensor, start: int, end: int, max_len: int,
-                choose: Chooser, min_len: int) -> list[Caption]:
+                choose: Chooser, min_len: int, banned: Sequence[int], block_trigrams: bool) -> list[Caption]:
     """One hypothesis per image, extended word by word with ``choose``, until ``<end>``.
 
     Finished captions leave the batch: each step runs only over the images still writing.
@@ -74,10 +95,13 @@ def _sequential(model: Captioner, features: torch.Tensor, start: int, end: int, 
     rows = torch.arange(B, device=dev)                      # images still running
     words = torch.full((B,), start, dtype=torch.long, device=dev)
     score = torch.zeros(B, device=dev)
+    history = torch.empty(B, 0, dtype=torch.long, device=dev) if block_trigrams else None  # running rows'
     steps, alphas = [], []
     for t in range(max_len):
-        logp, alpha, state = _step(model, memory, state, words, start, end, t >= min_len)
+        logp, alpha, state = _step(model, memory, state, words, start, end, t >= min_len, banned, history)
         words = choose(logp)
+        if history is not None:
+            history = torch.cat([history, words[:, None]], 1)
         score[rows] += logp.gather(1, words[:, None]).squeeze(1)
         steps.append(torch.full((B,), end, device=dev).index_copy(0, rows, words))
         alphas.append(alpha.new_zeros(B, R).index_copy(0, rows, alpha))
@@ -88,6 +112,8 @@ def _sequential(model: Captioner, features: torch.Tensor, start: int, end: int, 
             keep = running.nonzero().squeeze(1)
             rows, words = rows[keep], words[keep]
             memory, state = memory.index_select(keep), state.index_select(keep)
+            if history is not None:
+                history = history[keep]
     tokens = torch.stack(steps, 1).cpu().numpy()            # (B, L)
     maps = torch.stack(alphas, 1).float().cpu().numpy()     # (B, L, R)
     out = []
@@ -100,14 +126,15 @@ def _sequential(model: Captioner, features: torch.Tensor, start: int, end: int, 
 
 
 def greedy(model: Captioner, features: torch.Tensor, start: int, end: int, max_len: int = 30,
-           min_len: int = 1) -> list[Caption]:
+           min_len: int = 1, banned: Sequence[int] = (), block_trigrams: bool = False) -> list[Caption]:
     """The most likely next word at every step."""
-    return _sequential(model, features, start, end, max_len, lambda logp: logp.argmax(-1), min_len)
+    return _sequential(model, features, start, end, max_len, lambda logp: logp.argmax(-1), min_len,
+                       banned, block_trigrams)
 
 
 def sample(model: Captioner, features: torch.Tensor, start: int, end: int, max_len: int = 30,
            temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
-           min_len: int = 1) -> list[Caption]:
+           min_len: int = 1, banned: Sequence[int] = (), block_trigrams: bool = False) -> list[Caption]:
     """Draw each word from the (temperature-scaled, optionally top-k truncated) distribution."""
     if temperature <= 0:
         raise AttncapError(f"temperature must be positive, got {temperature}")
@@ -119,7 +146,7 @@ def sample(model: Captioner, features: torch.Tensor, start: int, end: int, max_l
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
 
-    return _sequential(model, features, start, end, max_len, choose, min_len)
+    return _sequential(model, features, start, end, max_len, choose, min_len, banned, block_trigrams)
 
 
 @dataclass
@@ -133,8 +160,8 @@ class _Beams:
 
 @torch.inference_mode()
 def beam_search(model: Captioner, features: torch.Tensor, start: int, end: int, beam_size: int = 3,
-                max_len: int = 30, length_penalty: float = 0.0, n_best: int = 1, min_len: int = 1
-                ) -> list[list[Caption]]:
+                max_len: int = 30, length_penalty: float = 0.0, n_best: int = 1, min_len: int = 1,
+                banned: Sequence[int] = (), block_trigrams: bool = False) -> list[list[Caption]]:
     """Batched beam search over all images at once; returns the ``n_best`` captions per image.
 
     Hypotheses are ranked by ``score / length**length_penalty`` (length counts ``<end>``). An image
@@ -158,7 +185,8 @@ def beam_search(model: Captioner, features: torch.Tensor, start: int, end: int, 
     images = list(range(B))  # the image of each row block still searching
     for t in range(max_len):
         # (n*K, V), (n*K, R)
-        logp, alpha, state = _step(model, memory, state, words, start, end, t >= min_len)
+        logp, alpha, state = _step(model, memory, state, words, start, end, t >= min_len, banned,
+                                   beams.tokens if block_trigrams else None)
         n, V = len(images), logp.shape[-1]
         total = (beams.scores.unsqueeze(-1) + logp.view(n, K, V)).view(n, K * V)
         top, idx = total.topk(2 * K, dim=1)                          # (n, 2K): at most K end here
@@ -214,16 +242,18 @@ def _flush_alive(finished, images, beams: _Beams, penalty, K) -> None:
 
 
 def decode(model: Captioner, features: torch.Tensor, start: int, end: int, beam_size: int = 1,
-           max_len: int = 30, length_penalty: float = 0.0, min_len: int = 1) -> list[Caption]:
+           max_len: int = 30, length_penalty: float = 0.0, min_len: int = 1, banned: Sequence[int] = (),
+           block_trigrams: bool = False) -> list[Caption]:
     """The best caption per image: greedy for ``beam_size == 1``, beam search otherwise."""
     if beam_size == 1:
-        return greedy(model, features, start, end, max_len, min_len)
-    return [c[0] for c in beam_search(model, features, start, end, beam_size, max_len,
-                                      length_penalty, n_best=1, min_len=min_len)]
+        return greedy(model, features, start, end, max_len, min_len, banned, block_trigrams)
+    return [c[0] for c in beam_search(model, features, start, end, beam_size, max_len, length_penalty,
+                                      n_best=1, min_len=min_len, banned=banned, block_trigrams=block_trigrams)]
 
 
 def decode_split(model: Captioner, split, vocab, beam_size: int, max_len: int, length_penalty: float,
-                 batch_size: int, device, progress: bool = True, min_len: int = 1) -> dict[int, dict]:
+                 batch_size: int, device, progress: bool = True, min_len: int = 1, banned: Sequence[int] = (),
+                 block_trigrams: bool = False) -> dict[int, dict]:
     """Caption every image of a :class:`~attncap.dataset.CaptionSplit` (``decode.*`` settings).
 
     Returns ``{image id: {"caption": str, "words": [str], "attention": (n_words, g, g)}}``.
@@ -233,7 +263,7 @@ def decode_split(model: Captioner, split, vocab, beam_size: int, max_len: int, l
                disable=not progress, dynamic_ncols=True, leave=False)
     for ids, feats in split.image_batches(batch_size):
         caps = decode(model, feats.to(device), vocab.start, vocab.end, beam_size, max_len, length_penalty,
-                      min_len)
+                      min_len, banned, block_trigrams)
         for image_id, cap in zip(ids, caps):
             words = vocab.decode(cap.tokens)
             out[image_id] = {"caption": " ".join(words), "words": words,

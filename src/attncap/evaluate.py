@@ -28,16 +28,16 @@ from .errors import AttncapError
 from .features import FeatureStore
 from .files import atomic_path, read_json, read_jsonl, write_json
 from .images import load_image
-from .prepare import load_split, references
+from .prepare import load_split, raw_references
 
 TABLE_KEYS = (*metrics.METRIC_KEYS, "SPICE")
 
 
-def score_split(decoded: dict[int, dict], records: list[dict], objects_file: str | None
+def score_split(decoded: dict[int, dict], scorer: metrics.CaptionScorer, objects_file: str | None
                 ) -> dict[str, float]:
-    """Caption metrics, plus attribute and grounding scores when object boxes are known."""
+    """Caption metrics (``scorer`` holds the split's references), plus shapes-world scores when boxes are known."""
     candidates = {i: d["caption"] for i, d in decoded.items()}
-    scores = metrics.caption_scores(references(records), candidates)
+    scores = scorer.score(candidates)
     if objects_file:
         image_size, objects = load_objects(objects_file)
         subset = {i: objects[i] for i in candidates}
@@ -72,28 +72,29 @@ def evaluate_beams(run_dir: str | Path, beams: list[int] | None = None, decode_c
     data = CaptionSplit(FeatureStore.open(run_dir / "features", split), load_split(run_dir / "data", split))
     objects = read_json(run_dir / "data" / "manifest.json", "data manifest").get("objects")
     out, results = run_dir / "eval", {}
-    for k in beams:
-        setting = dataclasses.replace(decode_cfg, beam_size=k, n_best=min(k, decode_cfg.n_best))
-        started = time.time()
-        decoded = decode_split(model, data, vocab, k, setting.max_len, setting.length_penalty,
-                               setting.eval_batch_size, device, progress, setting.min_len)
-        seconds = time.time() - started
-        summary = {key: v if isinstance(v, int) else round(float(v), 4)
-                   for key, v in score_split(decoded, data.records, objects).items()}
-        coco = metrics.coco_results({i: d["caption"] for i, d in decoded.items()})
-        write_json(out / f"results_{split}_beam{k}.json", coco, indent=None)
-        write_json(out / f"scores_{split}_beam{k}.json",
-                   {**summary, "decode": setting.__dict__, "split": split, "images": len(decoded),
-                    "decode_seconds": round(seconds, 1), "spice": metrics.spice_unavailable() or "scored"})
-        results[k] = summary
-        if k == main:
-            warn_degenerate(decoded, split)
-            write_json(out / f"results_{split}.json", coco, indent=None)
-            write_json(out / f"captions_{split}.json", {str(i): {
-                "caption": d["caption"], "words": d["words"],
-                "attention": np.round(d["attention"], 4).tolist()} for i, d in decoded.items()}, indent=None)
-            write_json(out / "scores.json", summary)
-            write_report(run_dir, summary, decoded, data.records, samples, k)
+    with metrics.CaptionScorer(raw_references(data.records)) as scorer:  # one METEOR process for all beams
+        for k in beams:
+            setting = dataclasses.replace(decode_cfg, beam_size=k, n_best=min(k, decode_cfg.n_best))
+            started = time.time()
+            decoded = decode_split(model, data, vocab, k, setting.max_len, setting.length_penalty,
+                                   setting.eval_batch_size, device, progress, setting.min_len)
+            seconds = time.time() - started
+            summary = {key: v if isinstance(v, int) else round(float(v), 4)
+                       for key, v in score_split(decoded, scorer, objects).items()}
+            coco = metrics.coco_results({i: d["caption"] for i, d in decoded.items()})
+            write_json(out / f"results_{split}_beam{k}.json", coco, indent=None)
+            write_json(out / f"scores_{split}_beam{k}.json",
+                       {**summary, "decode": setting.__dict__, "split": split, "images": len(decoded),
+                        "decode_seconds": round(seconds, 1), "spice": metrics.spice_unavailable() or "scored"})
+            results[k] = summary
+            if k == main:
+                warn_degenerate(decoded, split)
+                write_json(out / f"results_{split}.json", coco, indent=None)
+                write_json(out / f"captions_{split}.json", {str(i): {
+                    "caption": d["caption"], "words": d["words"],
+                    "attention": np.round(d["attention"], 4).tolist()} for i, d in decoded.items()}, indent=None)
+                write_json(out / "scores.json", summary)
+                write_report(run_dir, summary, decoded, data.records, samples, k)
     with atomic_path(out / f"table_{split}.md") as tmp:
         tmp.write_text(format_table(results, split, len(data)), encoding="utf-8")
     return results

@@ -186,29 +186,46 @@ class Captioner(nn.Module):
         state, alpha = self.cell(memory, state, self.word_gates(self.embed(words)))
         return F.log_softmax(self.logits(state.h), dim=-1), alpha, state
 
-    # -- teacher forcing ----------------------------------------------------------------------
-    def forward(self, features: torch.Tensor, inputs: torch.Tensor) -> Output:
+    # -- teacher forcing and scheduled sampling --------------------------------------------------
+    def forward(self, features: torch.Tensor, inputs: torch.Tensor, sample_prob: float = 0.0,
+                generator: torch.Generator | None = None) -> Output:
         """Teacher forcing: ``inputs`` (B, T) are ``<start> w1 .. wn`` then padding (0).
 
-        Returns the logits of w1 .. <end> at the real steps only. Captions are run longest first,
-        so the rows still running at step t are a prefix of the batch: each step computes only
-        those, and the word-side gates, the output layers and the loss run once over all real
-        tokens. Feed rows sorted by decreasing length to skip a reordering copy.
+        Returns the logits of w1 .. <end> at the real steps only. With ``sample_prob`` > 0
+        (scheduled sampling, Bengio et al. 2015) every input word after ``<start>`` is, with that
+        probability, replaced by a word drawn from the model's own (detached) distribution at the
+        previous step. Rows with no replaced word take the teacher-forcing path; the others run
+        step by step. Draws come from ``generator`` (default: torch's generator of the inputs'
+        device, the one checkpoints save).
         """
+        if sample_prob <= 0:
+            return self._teacher_forcing(features, inputs)
         B, T = inputs.shape
-        lengths = (inputs != 0).sum(1)                               # (B,)
-        order = torch.argsort(lengths, descending=True, stable=True)
-        if bool((order == torch.arange(B, device=order.device)).all()):
-            order = None  # already longest first
-        else:
-            features, inputs, lengths = features[order], inputs[order], lengths[order]
-        steps = torch.arange(T, device=inputs.device)
-        running = steps[:, None] < lengths[None, :]                  # (T, B), prefix of each row
-        active = [n for n in running.sum(1).tolist() if n > 0]       # rows running at each step
+        replace = (inputs != 0) & (torch.arange(T, device=inputs.device) > 0)  # (B, T) words after <start>
+        if sample_prob < 1:
+            replace &= torch.rand(B, T, device=inputs.device, generator=generator) < sample_prob
+        sampled = replace.any(1)                                     # (B,) rows with a drawn input
+        if not bool(sampled.any()):
+            return self._teacher_forcing(features, inputs)
+        rows = sampled.nonzero().squeeze(1)
+        parts = [(rows, self._scheduled(features[rows], inputs[rows], replace[rows], generator))]
+        if not bool(sampled.all()):
+            rows = (~sampled).nonzero().squeeze(1)
+            parts.append((rows, self._teacher_forcing(features[rows], inputs[rows])))
+        index = [rows[out.index // T] * T + out.index % T for rows, out in parts]  # caller's grid
+        return Output(torch.cat([out.logits for _, out in parts]), torch.cat([out.alphas for _, out in parts]),
+                      torch.cat(index), (B, T))
+
+    def _teacher_forcing(self, features: torch.Tensor, inputs: torch.Tensor) -> Output:
+        """Captions are run longest first, so the rows still running at step t are a prefix of the
+        batch: each step computes only those, and the word-side gates, the output layers and the
+        loss run once over all real tokens. Feed rows sorted by decreasing length to skip a copy.
+        """
+        order, features, inputs, running, active = self._longest_first(features, inputs)
         word_gates = self.word_gates(self.embed(inputs.t()[running])).split(active)  # [(n_t, G)]
         memory = self.encode(features)
         state = self.init_state(memory)
-        prefixes = {B: memory}  # one slice per distinct row count, not per step (cheap backward)
+        prefixes = {len(inputs): memory}  # one slice per distinct row count, not per step (cheap backward)
         hs, alphas = [], []
         for t, n in enumerate(active):
             if n not in prefixes:
@@ -217,31 +234,103 @@ class Captioner(nn.Module):
             state, alpha = self.cell(prefixes[n], state, word_gates[t])
             hs.append(state.h)
             alphas.append(alpha)
-        rows = torch.arange(B, device=inputs.device) if order is None else order
-        index = (rows[None, :] * T + steps[:, None])[running]        # (N,) in the caller's order
-        return Output(self.logits(torch.cat(hs)), torch.cat(alphas), index, (B, T))
+        return self._packed(self.logits(torch.cat(hs)), torch.cat(alphas), order, running)
+
+    def _scheduled(self, features: torch.Tensor, inputs: torch.Tensor, replace: torch.Tensor,
+                   generator: torch.Generator | None) -> Output:
+        """Step by step: the inputs where ``replace`` (B, T) is True are drawn from the previous
+        step's distribution, so every step needs its own output layer (the cost of sampling)."""
+        order, features, inputs, running, active = self._longest_first(features, inputs)
+        if order is not None:
+            replace = replace[order]
+        memory = self.encode(features)
+        state = self.init_state(memory)
+        logits, alphas = [], []
+        for t, n in enumerate(active):
+            words = inputs[:n, t]                                    # (n,)
+            if t > 0 and bool(replace[:n, t].any()):
+                probs = logits[-1][:n].detach().float().softmax(-1)  # (n, V)
+                drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                words = torch.where(replace[:n, t], drawn, words)
+            state = State(state.h[:n], state.c[:n])
+            state, alpha = self.cell(Memory(memory.regions[:n], memory.keys[:n]), state,
+                                     self.word_gates(self.embed(words)))
+            logits.append(self.logits(state.h))                     # (n, V)
+            alphas.append(alpha)
+        return self._packed(torch.cat(logits), torch.cat(alphas), order, running)
+
+    @staticmethod
+    def _longest_first(features: torch.Tensor, inputs: torch.Tensor):
+        """Rows sorted by decreasing length (order None when they already are), the (T, B) mask of
+        real steps and the number of rows running at each step."""
+        B, T = inputs.shape
+        lengths = (inputs != 0).sum(1)                               # (B,)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        if bool((order == torch.arange(B, device=order.device)).all()):
+            order = None  # already longest first
+        else:
+            features, inputs, lengths = features[order], inputs[order], lengths[order]
+        running = torch.arange(T, device=inputs.device)[:, None] < lengths[None, :]  # (T, B)
+        active = [n for n in running.sum(1).tolist() if n > 0]       # rows running at each step
+        return order, features, inputs, running, active
+
+    @staticmethod
+    def _packed(logits: torch.Tensor, alphas: torch.Tensor, order: torch.Tensor | None,
+                running: torch.Tensor) -> Output:
+        """Step-major rows of the sorted batch as an :class:`Output` indexed in the caller's order."""
+        T, B = running.shape
+        rows = torch.arange(B, device=running.device) if order is None else order
+        index = (rows[None, :] * T + torch.arange(T, device=running.device)[:, None])[running]  # (N,)
+        return Output(logits, alphas, index, (B, T))
 
 
-def caption_loss(output: Output, targets: torch.Tensor, alpha_c: float = 0.0,
-                 denominator: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked cross-entropy over real tokens plus doubly stochastic attention regularisation.
+class Loss(NamedTuple):
+    """The terms of the training loss of one batch."""
 
-    targets: (B, T) with 0 = padding. The summed cross-entropy is divided by ``denominator``
-    (default: this batch's number of real tokens; data-parallel training passes the global count).
-    Returns (loss, number of real tokens in this batch).
+    total: torch.Tensor    # what training minimises: (label-smoothed) cross-entropy + penalty
+    ce: torch.Tensor       # plain cross-entropy per token: the logged train and validation loss
+    penalty: torch.Tensor  # alpha_c * doubly stochastic attention penalty per caption (0 when off)
+    tokens: torch.Tensor   # real tokens in this batch
+
+
+def loss_terms(output: Output, targets: torch.Tensor, alpha_c: float = 0.0, label_smoothing: float = 0.0,
+               tokens: float | torch.Tensor | None = None, captions: float | None = None) -> Loss:
+    """Masked cross-entropy over real tokens and the doubly stochastic attention penalty.
+
+    targets: (B, T) with 0 = padding. Cross-entropy sums over tokens and divides by ``tokens``
+    (default: this batch's real tokens); label smoothing ``eps`` trains towards ``1 - eps`` on the
+    target and ``eps / V`` on every word (torch's ``label_smoothing``). The penalty is Xu et al.'s
+    eq. 14, ``alpha_c * sum_r (1 - sum_t alpha_tr)^2`` per caption, summed over captions and
+    divided by ``captions`` (default B). Data-parallel training passes the global counts.
     """
     logits, target = output.logits, targets.reshape(-1)[output.index]  # (N, V), (N,)
     keep = target != 0
     if not bool(keep.all()):  # only when targets are shorter than the inputs' real steps
         logits, target = logits[keep], target[keep]
     ntok = keep.sum()
-    ce = F.cross_entropy(logits, target, reduction="sum") / (ntok if denominator is None else denominator)
+    denominator = ntok if tokens is None else tokens
+    if label_smoothing > 0:
+        logp = F.log_softmax(logits.float(), -1)                     # (N, V)
+        nll = -logp.gather(1, target[:, None]).squeeze(1)            # (N,)
+        ce = nll.sum() / denominator
+        total = ((1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)).sum() / denominator
+    else:
+        ce = total = F.cross_entropy(logits, target, reduction="sum") / denominator
     if alpha_c <= 0:
-        return ce, ntok
+        return Loss(total, ce, ce.new_zeros(()), ntok)
     B, T = output.shape
     weights = output.alphas * keep.unsqueeze(-1)                     # (N, R)
     attention_total = weights.new_zeros(B, weights.shape[1]).index_add(0, output.index // T, weights)
-    return ce + alpha_c * ((1.0 - attention_total) ** 2).mean(), ntok
+    penalty = alpha_c * ((1.0 - attention_total) ** 2).sum() / (B if captions is None else captions)
+    return Loss(total + penalty, ce, penalty, ntok)
+
+
+def caption_loss(output: Output, targets: torch.Tensor, alpha_c: float = 0.0,
+                 denominator: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy plus ``alpha_c`` times the attention penalty (see :func:`loss_terms`), and the
+    number of real tokens in this batch."""
+    terms = loss_terms(output, targets, alpha_c, tokens=denominator)
+    return terms.total, terms.tokens
 
 
 def count_flops(model: Captioner, regions: int, images: int, tokens: int, training: bool = True) -> int:

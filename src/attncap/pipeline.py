@@ -15,6 +15,7 @@ import torch
 from . import config as config_lib
 from .config import RunConfig
 from .data.shapes import generate_shapes_world
+from .distributed import process_group, threads_per_process
 from .encoders import build_encoder
 from .errors import AttncapError
 from .evaluate import evaluate_run
@@ -70,13 +71,16 @@ def features_stage(run_dir: str | Path, cfg: RunConfig, progress: bool = True,
     e = cfg.encoder
     items = {split: [ImageItem(r["id"], r["file"]) for r in load_split(run_dir / "data", split)]
              for split in SPLITS}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = pinned_precision(run_dir / "features", e.precision)
-    encoder = build_encoder(e.name, e.pretrained, e.colour_stats, allow_download, precision, device)
-    for split in SPLITS:
-        extract_features(encoder, items[split], run_dir / "features", split, e.pretrained, e.batch_size,
-                         e.workers, progress, requested_precision=e.precision)
-    save_run_config(run_dir, cfg)
+    with process_group(None, cfg.train.dist_timeout_minutes) as dist:  # torchrun: shard the images
+        torch.set_num_threads(e.threads or threads_per_process(dist.local_world_size))
+        precision = dist.broadcast(pinned_precision(run_dir / "features", e.precision) if dist.is_main else None)
+        encoder = build_encoder(e.name, e.pretrained, e.colour_stats, allow_download, precision,
+                                str(dist.device))
+        for split in SPLITS:
+            extract_features(encoder, items[split], run_dir / "features", split, e.pretrained, e.batch_size,
+                             e.workers, progress and dist.is_main, requested_precision=e.precision, dist=dist)
+        if dist.is_main:
+            save_run_config(run_dir, cfg)
 
 
 def _require_prepared(run_dir: Path) -> None:

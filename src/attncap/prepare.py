@@ -253,5 +253,14 @@ def load_split(data_dir: str | Path, split: str) -> list[dict]:
 
 
 def references(records: list[dict]) -> dict[int, list[str]]:
-    """Reference captions per image id, tokenized and re-joined (the metrics' input)."""
+    """Reference captions per image id in attncap's own tokenization, re-joined.
+
+    Only for the cheap per-epoch validation CIDEr, whose candidates are vocabulary words; official
+    scores use :func:`raw_references` through the PTBTokenizer (see ``metrics.CaptionScorer``).
+    """
     return {r["id"]: [" ".join(tokenize(c)) for c in r["captions"]] for r in records}
+
+
+def raw_references(records: list[dict]) -> dict[int, list[str]]:
+    """Reference captions per image id as written in the dataset (COCO ``caption``, Karpathy ``raw``)."""
+    return {r["id"]: list(r["captions"]) for r in records}

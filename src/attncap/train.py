@@ -29,7 +29,7 @@ from tqdm import tqdm
 from . import config as config_lib
 from . import metrics
 from .checkpoint import load_model, load_state, save_checkpoint
-from .config import RunConfig
+from .config import RunConfig, TrainConfig
 from .dataset import CaptionSplit, prefetch
 from .decoding import decode_split
 from .distributed import Dist, StopSignals, process_group, threads_per_process
@@ -37,7 +37,7 @@ from .encoders import build_encoder
 from .errors import AttncapError
 from .features import FeatureStore
 from .files import append_line, atomic_path, read_jsonl, recover_folder, write_json
-from .model import Captioner, caption_loss
+from .model import Captioner, caption_loss, loss_terms
 from .prepare import load_split, references
 from .vocab import Vocab
 
@@ -47,8 +47,10 @@ class TrainState:
     epoch: int = 0                 # epochs completed
     step: int = 0                  # optimizer steps taken
     batch_in_epoch: int = 0        # batches of the current epoch's plan already done
-    epoch_loss: float = 0.0        # summed token loss of those batches (for the epoch's mean)
+    epoch_loss: float = 0.0        # summed token cross-entropy of those batches (for the epoch's mean)
     epoch_tokens: int = 0          # and their number of tokens
+    epoch_penalty: float = 0.0     # summed attention penalty of their captions
+    epoch_captions: int = 0        # and their number of captions
     best_score: float = -1.0       # best validation CIDEr so far
     best_epoch: int = 0
     stale_epochs: int = 0          # epochs since the best
@@ -118,6 +120,14 @@ def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
     return factor
 
 
+def sample_probability(cfg: TrainConfig, epoch: int) -> float:
+    """Scheduled sampling's probability in epoch ``epoch`` (0 = the first): ``ss_step`` from epoch
+    ``ss_start`` (counted from 1) on, one more ``ss_step`` every ``ss_every`` epochs, at most ``ss_max``."""
+    if cfg.ss_start == 0 or epoch + 1 < cfg.ss_start:
+        return 0.0
+    return min(cfg.ss_max, cfg.ss_step * (1 + (epoch + 1 - cfg.ss_start) // cfg.ss_every))
+
+
 def load_batch(t: Trainer, split: CaptionSplit, pairs: np.ndarray) -> tuple:
     """This rank's share of a planned batch, gathered (and pinned for a GPU) ahead of its step."""
     local, real = t.dist.shard(pairs)
@@ -125,13 +135,14 @@ def load_batch(t: Trainer, split: CaptionSplit, pairs: np.ndarray) -> tuple:
     return pairs, local, real, batch.pin() if t.dist.device.type == "cuda" else batch
 
 
-def train_step(t: Trainer, loaded: tuple) -> tuple[float, int] | None:
+def train_step(t: Trainer, loaded: tuple) -> tuple[float, float, int] | None:
     """One optimizer step on this rank's share of a planned batch (from :func:`load_batch`).
 
-    Returns (the batch's loss per token, its tokens), both global; None when some rank has
-    received a stop signal (every rank then skips the step, as they agree in one all-reduce).
-    Each rank divides its summed token loss by the global token count, so the ranks' losses add up
-    to the one-process loss; DDP averages gradients, so the backward pass is scaled by the world size.
+    Returns (the batch's cross-entropy per token, its attention penalty per caption, its tokens),
+    all global; None when some rank has received a stop signal (every rank then skips the step, as
+    they agree in one all-reduce). Each rank divides its summed token loss by the global token
+    count and its summed penalty by the global caption count, so the ranks' losses add up to the
+    one-process loss; DDP averages gradients, so the backward pass is scaled by the world size.
     """
     pairs, local, real, batch = loaded
     local_tokens = int((batch.targets != 0).sum()) if real else 0  # counted on the CPU: no GPU sync
@@ -139,25 +150,27 @@ def train_step(t: Trainer, loaded: tuple) -> tuple[float, int] | None:
     if stop:
         return None
     batch = batch.to(t.dist.device)
-    share = len(local) / len(pairs) if real else 0.0  # the attention penalty is a mean over images
+    # Scheduled sampling draws from this rank's generator (saved with the checkpoint); 0 = teacher forcing.
+    sample_prob = sample_probability(t.cfg.train, t.state.epoch)
     with torch.autocast(t.dist.device.type, torch.bfloat16, enabled=t.bf16):
-        output = t.net(batch.features, batch.inputs)
-        loss, _ = caption_loss(output, batch.targets, t.cfg.model.alpha_c * share, denominator=tokens)
-    if not real:
-        loss = loss * 0.0
+        output = t.net(batch.features, batch.inputs, sample_prob=sample_prob)
+        terms = loss_terms(output, batch.targets, t.cfg.model.alpha_c, t.cfg.train.label_smoothing,
+                           tokens=tokens, captions=len(pairs))
+    weight = 1.0 if real else 0.0  # a stand-in share adds nothing
     t.optimizer.zero_grad(set_to_none=True)
-    (loss * t.dist.world_size).backward()
+    (terms.total * (weight * t.dist.world_size)).backward()
     if t.cfg.train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.train.grad_clip)
     t.optimizer.step()
     t.scheduler.step()
     t.state.step += 1
-    (total,) = t.dist.sum([float(loss.detach())])
-    return total, int(tokens)
+    ce, penalty = t.dist.sum((torch.stack([terms.ce, terms.penalty]).detach().float() * weight).tolist())
+    return ce, penalty, int(tokens)
 
 
-def train_one_epoch(t: Trainer, split: CaptionSplit, plan: list[np.ndarray]) -> float | None:
-    """Run ``plan`` from ``state.batch_in_epoch`` on; returns the epoch's mean loss per token.
+def train_one_epoch(t: Trainer, split: CaptionSplit, plan: list[np.ndarray]) -> tuple[float, float] | None:
+    """Run ``plan`` from ``state.batch_in_epoch`` on; returns the epoch's mean cross-entropy per
+    token and mean attention penalty per caption.
 
     Returns None when a stop signal ended the epoch early: the state then points at the next batch.
     """
@@ -171,18 +184,26 @@ def train_one_epoch(t: Trainer, split: CaptionSplit, plan: list[np.ndarray]) -> 
         if result is None:
             bar.close()
             return None
-        loss, tokens = result
+        loss, penalty, tokens = result
         s.batch_in_epoch += 1
         s.epoch_loss += loss * tokens
         s.epoch_tokens += tokens
+        s.epoch_penalty += penalty * len(loaded[0])
+        s.epoch_captions += len(loaded[0])
         if t.log is not None and s.step % t.cfg.train.log_every == 0:
-            t.log.write({"step": s.step, "train_loss": round(loss, 5), "lr": t.scheduler.get_last_lr()[0]})
+            t.log.write({"step": s.step, "train_loss": round(loss, 5), **_penalty(t.cfg, penalty),
+                         "lr": t.scheduler.get_last_lr()[0]})
             bar.set_postfix(loss=f"{loss:.3f}")
         bar.update()
     bar.close()
-    mean = s.epoch_loss / max(1, s.epoch_tokens)
-    s.batch_in_epoch, s.epoch_loss, s.epoch_tokens = 0, 0.0, 0
+    mean = (s.epoch_loss / max(1, s.epoch_tokens), s.epoch_penalty / max(1, s.epoch_captions))
+    s.batch_in_epoch, s.epoch_loss, s.epoch_tokens, s.epoch_penalty, s.epoch_captions = 0, 0.0, 0, 0.0, 0
     return mean
+
+
+def _penalty(cfg: RunConfig, penalty: float) -> dict[str, float]:
+    """The attention penalty for a log record, beside the cross-entropy; nothing when it is off."""
+    return {"train_penalty": round(penalty, 5)} if cfg.model.alpha_c > 0 else {}
 
 
 @torch.inference_mode()
@@ -263,7 +284,8 @@ def _restore(ckpt: Path, model, optimizer, scheduler, cfg: RunConfig, dist: Dist
 # the old lr and weight decay, and the saved position points into the old epoch plan.
 FIXED_ON_RESUME = ("lr", "weight_decay", "batch_size", "captions_per_image", "seed")
 # Settings a resumed run applies from the next step on: the run is no longer the uninterrupted one.
-CHANGED_ON_RESUME = ("epochs", "warmup_steps", "min_lr_ratio", "grad_clip", "precision")
+CHANGED_ON_RESUME = ("epochs", "warmup_steps", "min_lr_ratio", "grad_clip", "precision", "label_smoothing",
+                     "ss_start", "ss_every", "ss_step", "ss_max")
 
 
 def _check_resumable(ckpt: Path, saved: RunConfig, cfg: RunConfig, dist: Dist) -> None:
@@ -358,20 +380,23 @@ def _run_epochs(t: Trainer, splits: dict[str, CaptionSplit], vocab: Vocab, run_d
         started = time.time()
         plan = splits["train"].epoch_plan(t.state.epoch, cfg.train.seed, cfg.train.batch_size,
                                           cfg.train.captions_per_image)
-        train_loss = train_one_epoch(t, splits["train"], plan)
-        if train_loss is None:
+        losses = train_one_epoch(t, splits["train"], plan)
+        if losses is None:
             _stop_for_signal(t, run_dir, vocab, encoder_info, started)
             return
-        improved = _end_epoch(t, splits["val"], vocab, train_loss, started)
+        improved = _end_epoch(t, splits["val"], vocab, losses, started)
         _checkpoint(t, run_dir, vocab, encoder_info, improved)
 
 
-def _end_epoch(t: Trainer, val_split: CaptionSplit, vocab: Vocab, train_loss: float, started: float) -> bool:
+def _end_epoch(t: Trainer, val_split: CaptionSplit, vocab: Vocab, losses: tuple[float, float],
+               started: float) -> bool:
     """Rank 0 validates, keeps the best score and logs; every rank then takes rank 0's state.
 
+    ``losses``: the epoch's cross-entropy per token (the quantity of val_loss) and attention penalty.
     Returns whether validation CIDEr improved (meaningful on rank 0, which writes checkpoints).
     """
     s, cfg, improved = t.state, t.cfg, False
+    (train_loss, penalty), sample_prob = losses, sample_probability(cfg.train, s.epoch)
     if t.dist.is_main:
         scores = evaluate(t.model, val_split, vocab, cfg, t.dist.device)
         s.epoch += 1
@@ -383,6 +408,7 @@ def _end_epoch(t: Trainer, val_split: CaptionSplit, vocab: Vocab, train_loss: fl
             s.stale_epochs += 1
         s.stopped = _stop_reason(cfg, s) if s.epoch < cfg.train.epochs else ""
         t.log.write({"epoch": s.epoch, "step": s.step, "train_loss": round(train_loss, 5),
+                     **_penalty(cfg, penalty), **({"ss_prob": sample_prob} if cfg.train.ss_start else {}),
                      "val_loss": round(scores["val_loss"], 5), "val_CIDEr": round(scores["val_CIDEr"], 5),
                      "lr": t.scheduler.get_last_lr()[0], "time_s": round(s.seconds, 1)})
         if t.progress:
