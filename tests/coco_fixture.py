@@ -36,6 +36,17 @@ def draw(image_id: int, size: int = 72) -> tuple[Image.Image, str, str]:
     return image, colour, shape
 
 
+# The instance annotations call the drawn square a kite and the disc a sports ball (two COCO categories).
+CATEGORIES = {"square": {"id": 38, "name": "kite", "supercategory": "sports"},
+              "circle": {"id": 37, "name": "sports ball", "supercategory": "sports"}}
+
+
+def instances_for(image_id: int, shape: str, size: int = 72) -> dict:
+    """The COCO instance annotation of the one drawn object: its box [x, y, w, h] in pixels."""
+    return {"id": image_id, "image_id": image_id, "category_id": CATEGORIES[shape]["id"], "iscrowd": 0,
+            "bbox": [size // 4, size // 4, size // 2, size // 2], "area": (size // 2) ** 2}
+
+
 def captions_for(colour: str, shape: str) -> list[str]:
     return [f"A {colour} {shape} on a grey background.", f"a {colour} {shape}",
             f"There is one {colour} {shape} in the middle", f"The {shape} is {colour}."]
@@ -59,16 +70,18 @@ def build_mini_coco(root: Path, n_train: int = 12, n_val: int = 16) -> MiniCoco:
     train_ids = list(range(1, n_train + 1))
     val_ids = list(range(1001, 1001 + n_val))
     captions: dict[str, dict] = {}
+    instances: dict[str, list] = {}
     for split, ids in (("train2014", train_ids), ("val2014", val_ids)):
         folder = root / split
         folder.mkdir(parents=True)
-        images, anns = [], []
+        images, anns, instances[split] = [], [], []
         for image_id in ids:
             image, colour, shape = draw(image_id)
             image.save(folder / image_name(split, image_id), quality=90)
             images.append({"id": image_id, "file_name": image_name(split, image_id), "width": 72, "height": 72})
             anns += [{"id": image_id * 10 + k, "image_id": image_id, "caption": c}
                      for k, c in enumerate(captions_for(colour, shape))]
+            instances[split].append(instances_for(image_id, shape))
         captions[split] = {"info": {}, "images": images, "annotations": anns}
     # Awkward but readable files: CMYK, a PNG under a .jpg name, and a truncated JPEG.
     cmyk, png, truncated = train_ids[0], train_ids[1], train_ids[2]
@@ -79,6 +92,9 @@ def build_mini_coco(root: Path, n_train: int = 12, n_val: int = 16) -> MiniCoco:
     (root / "annotations").mkdir()
     for split, data in captions.items():
         (root / "annotations" / f"captions_{split}.json").write_text(json.dumps(data))
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+            {"info": {}, "images": data["images"], "annotations": instances[split],
+             "categories": sorted(CATEGORIES.values(), key=lambda c: c["id"])}))
     karpathy, missing = _karpathy(root, captions, train_ids, val_ids)
     mini = MiniCoco(root, train_ids, val_ids, karpathy, missing, truncated)
     mini.zips = {"train2014.zip": _zip(root, "train2014"), "val2014.zip": _zip(root, "val2014"),

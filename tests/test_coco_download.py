@@ -33,7 +33,8 @@ def assert_extracted(root, mini):
         sample = names[5]
         assert (root / split / sample).read_bytes() == (mini.root / split / sample).read_bytes()
     assert sorted(p.name for p in (root / "annotations").iterdir()) == [
-        MARKER, "captions_train2014.json", "captions_val2014.json"]
+        MARKER, "captions_train2014.json", "captions_val2014.json", "instances_train2014.json",
+        "instances_val2014.json"]
     assert sorted(p.name for p in (root / "karpathy").iterdir()) == [MARKER, "dataset_coco.json"]
     assert not list(root.rglob("*.part")) and not list(root.glob("*.tmp-extract"))
 
@@ -143,12 +144,12 @@ def test_extract_refuses_unsafe_member_names(tmp_path):
 
 
 def user_annotations(root, mini):
-    """An annotations/ folder as a user may have it: COCO's train captions, instances and 2017 files."""
+    """An annotations/ folder as a user may have it: COCO's train captions, keypoints and 2017 files."""
     folder = root / "annotations"
     folder.mkdir(parents=True)
     (folder / "captions_train2014.json").write_bytes(
         (mini.root / "annotations" / "captions_train2014.json").read_bytes())
-    (folder / "instances_train2014.json").write_text(json.dumps({"annotations": [1, 2, 3]}))
+    (folder / "person_keypoints_train2014.json").write_text(json.dumps({"annotations": [1, 2, 3]}))
     (folder / "captions_train2017.json").write_text('{"images": []}')
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
@@ -166,7 +167,8 @@ def test_folder_without_marker_is_adopted_user_files_stay_and_only_missing_membe
     assert kept.stat().st_mtime_ns == stamp  # adopted as it was, not extracted again
     assert (folder / "captions_val2014.json").read_bytes() == (
         mini_coco.root / "annotations" / "captions_val2014.json").read_bytes()
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*mine, "captions_val2014.json", MARKER])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [*mine, "captions_val2014.json", "instances_train2014.json", "instances_val2014.json", MARKER])
 
 
 def test_a_member_name_with_another_size_is_an_error_and_the_file_is_left_alone(mini_coco, tmp_path, capsys):
@@ -184,8 +186,8 @@ def test_a_member_name_with_another_size_is_an_error_and_the_file_is_left_alone(
 
 
 def test_folder_holding_every_member_of_known_size_is_adopted_without_a_download(mini_coco, tmp_path):
-    sizes = tuple((f"captions_{s}.json", (mini_coco.root / "annotations" / f"captions_{s}.json").stat().st_size)
-                  for s in ("train2014", "val2014"))
+    sizes = tuple((f"{kind}_{s}.json", (mini_coco.root / "annotations" / f"{kind}_{s}.json").stat().st_size)
+                  for kind in ("captions", "instances") for s in ("train2014", "val2014"))
     known = dataclasses.replace(ANNOTATIONS2014, size=None, sha256=None, files=sizes)
     mine = user_annotations(tmp_path, mini_coco)
     val = tmp_path / "annotations" / "captions_val2014.json"
@@ -194,8 +196,8 @@ def test_folder_holding_every_member_of_known_size_is_adopted_without_a_download
         with pytest.raises(AttncapError, match=f"{val} is 2 bytes but annotations_trainval2014.zip holds"):
             fetch_one(known, tmp_path, server.url, progress=False, **FAST)
         assert server.requests == [] and val.read_text() == "{}"  # a conflict stops before the download
-        (tmp_path / "annotations" / "captions_val2014.json").write_bytes(
-            (mini_coco.root / "annotations" / "captions_val2014.json").read_bytes())
+        for name in ("captions_val2014.json", "instances_train2014.json", "instances_val2014.json"):
+            (tmp_path / "annotations" / name).write_bytes((mini_coco.root / "annotations" / name).read_bytes())
         assert fetch_one(known, tmp_path, server.url, progress=False, **FAST) == tmp_path / "annotations"
         assert server.requests == []
     assert (tmp_path / "annotations" / MARKER).is_file() and not (tmp_path / "downloads").exists()

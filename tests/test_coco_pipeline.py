@@ -85,6 +85,11 @@ def test_inception_v3_path_end_to_end(coco_prepared, mini_coco, tmp_path, capsys
         assert all(set(r) == {"image_id", "caption"} and isinstance(r["caption"], str) for r in results)
         scores = json.loads((run / "eval" / f"scores_test_beam{k}.json").read_text())
         assert set(METRIC_KEYS) <= set(scores) and scores["decode"]["beam_size"] == k and scores["images"] == 4
+        assert {"CHAIRs", "CHAIRi"} <= set(scores) and scores["chair_captions"] == 4  # annotations/instances_*
+        assert {"grounding", "grounding_chance", "grounding_mass", "grounding_words"} <= set(scores)
+    assert "| CHAIRs | CHAIRi |" in out
+    captions = json.loads((run / "eval" / "captions_test.json").read_text())
+    assert all(isinstance(c["hallucinated"], list) and isinstance(c["grounded"], list) for c in captions.values())
     main_scores = json.loads((run / "eval" / "scores.json").read_text())
     assert main_scores == {k: v for k, v in json.loads(
         (run / "eval" / "scores_test_beam5.json").read_text()).items() if k in main_scores}

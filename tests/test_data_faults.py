@@ -105,7 +105,7 @@ def user_folder(root: Path, mini) -> dict[str, bytes]:
     folder.mkdir(parents=True)
     (folder / "captions_train2014.json").write_bytes(
         (mini.root / "annotations" / "captions_train2014.json").read_bytes())
-    (folder / "instances_train2014.json").write_text('{"annotations": [1, 2, 3]}')
+    (folder / "person_keypoints_train2014.json").write_text('{"annotations": [1, 2, 3]}')
     (folder / "captions_train2017.json").write_text('{"images": []}')
     (folder / "notes").mkdir()
     (folder / "notes" / "README.txt").write_text("mine")
@@ -118,7 +118,8 @@ def test_kills_with_a_users_annotations_folder_leave_the_users_files_byte_identi
     mine = user_folder(ref, mini_coco)
     files, labels = reference(ref, server.url, "--no-images")
     assert {n: b for n, b in snapshot(ref / "annotations").items() if n in mine} == mine
-    assert sorted(snapshot(ref / "annotations")) == sorted([*mine, ".complete", "captions_val2014.json"])
+    assert sorted(snapshot(ref / "annotations")) == sorted(
+        [*mine, ".complete", "captions_val2014.json", "instances_train2014.json", "instances_val2014.json"])
     assert "extracted captions_train2014.json" not in labels  # adopted, not written again
     for at in range(1, len(labels) + 1):
         root = tmp_path / f"k{at}"

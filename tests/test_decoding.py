@@ -164,3 +164,96 @@ def test_evaluate_warns_in_one_line_what_it_saw_and_what_to_do(capsys):
     assert "train longer" in err[0] and "check the data" in err[0]
     warn_degenerate({i: {"caption": c} for i, c in enumerate(HEALTHY)}, "test")
     assert capsys.readouterr().err == ""
+
+
+UNK = 3
+
+
+def trigrams_repeat(tokens: list[int]) -> bool:
+    grams = list(zip(tokens, tokens[1:], tokens[2:]))
+    return len(grams) != len(set(grams))
+
+
+def all_decoders(model, feats, max_len=10, **rules) -> dict[str, list[list[int]]]:
+    """Every caption of greedy, beam search (all n-best), decode and sampling, as token lists."""
+    return {
+        "greedy": [c.tokens for c in greedy(model, feats, START, END, max_len, **rules)],
+        "beam": [h.tokens for hyps in beam_search(model, feats, START, END, 3, max_len, n_best=3, **rules)
+                 for h in hyps],
+        "decode": [c.tokens for c in decode(model, feats, START, END, 2, max_len, **rules)],
+        "sample": [c.tokens for c in sample(model, feats, START, END, max_len,
+                                            generator=torch.Generator().manual_seed(0), **rules)],
+    }
+
+
+def test_banned_unk_never_appears_even_from_a_model_biased_to_it():
+    model, feats = model_and_feats(seed=6)
+    with torch.no_grad():
+        model.fc2.bias[UNK] += 6.0
+    assert all(UNK in caps[0] for caps in all_decoders(model, feats).values())  # it would write <unk>
+    for name, caps in all_decoders(model, feats, banned=(UNK,)).items():
+        assert all(UNK not in c and c for c in caps), name
+    g = greedy(model, feats, START, END, 10, banned=(UNK,))
+    for b, c in enumerate(g):  # the score is still the model's own log-probability
+        assert abs(c.score - teacher_forced_logprob(model, feats[b], c.tokens, len(c.tokens) < 10)) < 1e-4
+
+
+def repeater(seed=7):
+    """A model that writes one word over and over: every caption repeats a trigram."""
+    model, feats = model_and_feats(seed)
+    with torch.no_grad():
+        model.fc2.bias[5] += 4.0
+        model.fc2.bias[END] -= 3.0
+    return model, feats
+
+
+def test_block_trigrams_leaves_no_repeated_trigram_in_greedy_beam_and_sampling():
+    model, feats = repeater()
+    assert all(trigrams_repeat(c) for c in all_decoders(model, feats)["greedy"])
+    for name, caps in all_decoders(model, feats, block_trigrams=True, banned=(UNK,)).items():
+        assert not any(trigrams_repeat(c) for c in caps), name
+        assert all(UNK not in c for c in caps), name
+    b = beam_search(model, feats, START, END, beam_size=1, max_len=10, block_trigrams=True, banned=(UNK,))
+    g = greedy(model, feats, START, END, 10, block_trigrams=True, banned=(UNK,))
+    assert [c.tokens for c in g] == [h[0].tokens for h in b]  # beam size 1 is still greedy
+    assert all(abs(x.score - y[0].score) < 1e-4 for x, y in zip(g, b))
+
+
+def test_block_trigrams_changes_nothing_when_no_trigram_would_repeat():
+    model, feats = model_and_feats(seed=2, batch=6)
+    plain = all_decoders(model, feats * 10)
+    assert not any(trigrams_repeat(c) for caps in plain.values() for c in caps)
+    assert max(len(c) for caps in plain.values() for c in caps) >= 4  # long enough to have trigrams
+    assert all_decoders(model, feats * 10, block_trigrams=True) == plain
+
+
+def test_repeated_trigrams_are_found_at_every_position():
+    from attncap.decoding import _trigram_repeats
+
+    history = torch.tensor([[4, 5, 6, 4, 5], [4, 5, 6, 7, 8], [4, 4, 4, 4, 4], [5, 6, 7, 5, 6]])
+    banned = _trigram_repeats(history, 10)
+    assert [row.nonzero().squeeze(1).tolist() for row in banned] == [[6], [], [4], [7]]
+
+
+def first_repeat(tokens: list[int]) -> int | None:
+    """The position of the first word that completes a trigram already written, or None."""
+    for i in range(3, len(tokens)):
+        if tuple(tokens[i - 2:i + 1]) in set(zip(tokens[:i - 1], tokens[1:i], tokens[2:i])):
+            return i
+    return None
+
+
+def test_block_trigrams_changes_a_greedy_caption_only_from_its_first_repeat_on():
+    model, feats = model_and_feats(seed=2, batch=6)
+    with torch.no_grad():
+        model.fc2.bias[END] -= 1.5  # long captions that loop
+    plain = greedy(model, feats * 10, START, END, 12)
+    blocked = greedy(model, feats * 10, START, END, 12, block_trigrams=True)
+    assert any(first_repeat(c.tokens) is not None for c in plain)
+    for a, b in zip(plain, blocked):
+        i = first_repeat(a.tokens)
+        if i is None:
+            assert b.tokens == a.tokens
+        else:
+            assert b.tokens[:i] == a.tokens[:i] and b.tokens[i:i + 1] != a.tokens[i:i + 1]
+            assert first_repeat(b.tokens) is None

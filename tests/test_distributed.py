@@ -30,6 +30,9 @@ from conftest import tiny_config
 UNEVEN = {"log_every": 1, "batch_size": 11, "captions_per_image": 3, "epochs": 2, "weight_decay": 0.1}
 # 240 pairs in batches of 8: 30 steps per epoch, so a signal sent at step 3 lands mid-epoch.
 LONG = {"log_every": 1, "batch_size": 8, "captions_per_image": 0, "epochs": 2}
+# The same with scheduled sampling from the first epoch: its draws, like dropout's, come from each
+# rank's own generator and must come back on resume.
+LONG_SS = {**LONG, "ss_start": 1, "ss_every": 1, "ss_step": 0.2, "ss_max": 0.4}
 # The paper's decoder: dropout draws random numbers every step, so an exact resume needs every
 # rank's RNG state back. Without dropout, two processes must match one: the attention penalty is a
 # mean over the global batch, not over each share.
@@ -175,9 +178,9 @@ def stopped_state(run: Path) -> dict:
 
 
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run_one_process(prepared_run, tmp_path, start):
-    cfg = tiny_config(train=LONG, model=PAPER)
+    cfg = tiny_config(train=LONG_SS, model=PAPER)
     straight, stopped = copy_run(prepared_run, tmp_path / "straight"), copy_run(prepared_run, tmp_path / "stopped")
-    proc = start(stopped, 1, {"train": LONG, "model": PAPER})
+    proc = start(stopped, 1, {"train": LONG_SS, "model": PAPER})
     train(straight, cfg, progress=False)
     wait_for_step(stopped, 3, proc)
     proc.send_signal(signal.SIGTERM)
@@ -191,7 +194,7 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run_one_process(p
 
 
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run_two_processes(prepared_run, tmp_path, start):
-    sections = {"train": LONG, "model": PAPER}
+    sections = {"train": LONG_SS, "model": PAPER}
     straight, stopped = copy_run(prepared_run, tmp_path / "straight"), copy_run(prepared_run, tmp_path / "stopped")
     reference = start(straight, 2, sections)
     proc = start(stopped, 2, sections)

@@ -66,3 +66,18 @@ def test_a_two_process_run_killed_on_rank_1_is_finished_by_one_process(without_f
     assert main(["features", "--run", str(run), "--quiet", *ONE_THREAD]) == 0
     assert snapshot(run / "features") == one_process_store
     assert not leftovers(run)
+
+
+def test_two_process_evaluate_writes_the_results_one_process_writes(trained_run, tmp_path):
+    """Ranks decode alternate batches; rank 0 scores and writes the same files, in the same order."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for run in (one, two):
+        shutil.copytree(trained_run, run)
+        shutil.rmtree(run / "eval", ignore_errors=True)
+    argv = ["--beams", "1,2", "--quiet", "--set", "decode.threads=1", "--set", "decode.eval_batch_size=4"]
+    assert main(["evaluate", "--run", str(one), *argv]) == 0
+    done = torchrun(2, ["evaluate", "--run", str(two), *argv])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("Split test") == 1  # the table, printed by rank 0 alone
+    for name in ("results_test_beam1.json", "results_test_beam2.json", "captions_test.json", "scores.json"):
+        assert (two / "eval" / name).read_bytes() == (one / "eval" / name).read_bytes(), name

@@ -75,6 +75,8 @@ def ort_greedy(sessions, features: np.ndarray, interface: dict, max_len: int) ->
     for _ in range(max_len):
         log_probs, _, h, c = step.run(None, {"words": words, "h": h, "c": c, "regions": regions, "keys": keys})
         log_probs[:, [ids[name] for name in interface["mask_before_choosing"]]] = -np.inf
+        if interface["mask_unk"]:
+            log_probs[:, ids["unk"]] = -np.inf
         words = log_probs.argmax(1)
         for b in np.flatnonzero(~done):
             if words[b] != ids["end"]:
@@ -89,7 +91,8 @@ def test_onnx_greedy_loop_gives_the_captions_of_attncap_greedy(predictor, sessio
     interface = json.loads((exported["onnx"] / "onnx.json").read_text())
     features = predictor.features(images)  # (B, R, D) from the real encoder
     vocab = predictor.vocab
-    expected = greedy(predictor.model, features, vocab.start, vocab.end, max_len=12)
+    assert interface["mask_unk"] and "trigram" in interface["block_trigrams"]  # decode.allow_unk false
+    expected = greedy(predictor.model, features, vocab.start, vocab.end, max_len=12, banned=(vocab.unk,))
     got = ort_greedy(sessions, features.numpy(), interface, max_len=12)
     assert got == [c.tokens for c in expected]
     assert all(len(t) > 0 for t in got)

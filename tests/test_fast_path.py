@@ -66,8 +66,8 @@ def reference_loss(m: Captioner, features, inputs, targets):
     mask = targets != 0
     loss = F.cross_entropy(logits[mask], targets[mask], reduction="sum") / mask.sum()
     if m.cfg.alpha_c > 0:
-        total = (alphas * mask[..., None]).sum(1)
-        loss = loss + m.cfg.alpha_c * ((1 - total) ** 2).mean()
+        total = (alphas * mask[..., None]).sum(1)                            # (B, R)
+        loss = loss + m.cfg.alpha_c * ((1 - total) ** 2).sum(1).mean()       # Xu et al. eq. 14
     return loss, logits
 
 
@@ -115,3 +115,92 @@ def test_row_order_does_not_change_the_result():
     b = model(features[order], inputs[order])
     torch.testing.assert_close(a.padded(a.logits)[order], b.padded(b.logits), atol=1e-6, rtol=0)
     torch.testing.assert_close(caption_loss(a, targets)[0], caption_loss(b, targets[order])[0])
+
+
+# -- scheduled sampling ----------------------------------------------------------------------------
+
+def paper_model():
+    torch.manual_seed(0)
+    return Captioner(ModelConfig(**DIMS, **VARIANTS["paper_lstm"]), vocab_size=20, feature_dim=6)
+
+
+def count_stepwise(monkeypatch) -> list[int]:
+    """Record the rows of every call of the step-wise path."""
+    calls, original = [], Captioner._scheduled
+
+    def counted(self, features, inputs, replace, generator):
+        calls.append(len(inputs))
+        return original(self, features, inputs, replace, generator)
+    monkeypatch.setattr(Captioner, "_scheduled", counted)
+    return calls
+
+
+def test_probability_zero_is_the_fast_teacher_forcing_path_exactly(monkeypatch):
+    model = paper_model()
+    features, inputs, targets = random_batch()
+    calls = count_stepwise(monkeypatch)
+    plain = model(features, inputs)
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    off = model(features, inputs, sample_prob=0.0)
+    assert calls == [] and torch.equal(torch.get_rng_state(), state)  # no draws either
+    assert torch.equal(off.logits, plain.logits) and torch.equal(off.index, plain.index)
+    torch.testing.assert_close(caption_loss(off, targets, 1.0)[0], caption_loss(plain, targets, 1.0)[0],
+                               atol=0, rtol=0)
+
+
+def test_stepwise_path_without_replacements_equals_teacher_forcing_logits_and_gradients():
+    model = paper_model()
+    features, inputs, targets = random_batch()
+    fast = model(features, inputs)
+    slow = model._scheduled(features, inputs, torch.zeros_like(inputs, dtype=torch.bool), None)
+    assert torch.equal(fast.index, slow.index)
+    torch.testing.assert_close(slow.logits, fast.logits, atol=1e-6, rtol=0)
+    params = list(model.parameters())
+    a = torch.autograd.grad(caption_loss(fast, targets, 1.0)[0], params, allow_unused=True)
+    b = torch.autograd.grad(caption_loss(slow, targets, 1.0)[0], params, allow_unused=True)
+    for x, y in zip(a, b):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+
+
+def test_probability_one_equals_free_running_sampling_with_the_same_random_numbers():
+    model = paper_model().eval()  # no dropout: the draws are the only randomness
+    B, T = 4, 6
+    features = torch.randn(B, 4, 6, generator=torch.Generator().manual_seed(1))
+    inputs = torch.randint(4, 20, (B, T), generator=torch.Generator().manual_seed(2))
+    inputs[:, 0] = 1  # <start>, then T - 1 words that must all be replaced
+    out = model(features, inputs, sample_prob=1.0, generator=torch.Generator().manual_seed(7))
+
+    g = torch.Generator().manual_seed(7)  # free running: feed back a draw from every step's output
+    memory = model.encode(features)
+    state, words, logits = model.init_state(memory), inputs[:, 0], []
+    for _ in range(T):
+        state, _ = model.cell(memory, state, model.word_gates(model.embed(words)))
+        logits.append(model.logits(state.h))
+        words = torch.multinomial(logits[-1].softmax(-1), 1, generator=g).squeeze(1)
+    torch.testing.assert_close(out.padded(out.logits), torch.stack(logits, 1), atol=1e-6, rtol=0)
+    teacher = model(features, inputs).logits
+    assert not torch.allclose(out.logits, teacher, atol=1e-3)  # it did not feed the given words
+
+
+def test_only_rows_with_a_sampled_input_take_the_stepwise_path(monkeypatch):
+    model = paper_model()
+    features, inputs, targets = random_batch()
+    calls = count_stepwise(monkeypatch)
+    torch.manual_seed(0)
+    mixed = model(features, inputs, sample_prob=0.3)
+    torch.manual_seed(0)
+    replace = (inputs != 0) & (torch.arange(inputs.shape[1]) > 0)
+    replace &= torch.rand(inputs.shape) < 0.3  # the same draw as the model's
+    sampled = replace.any(1)
+    assert 0 < int(sampled.sum()) < len(inputs) and calls == [int(sampled.sum())]
+    teacher = model(features, inputs)
+    grid, ref = mixed.padded(mixed.logits), teacher.padded(teacher.logits)
+    real = targets != 0
+    torch.testing.assert_close(grid[~sampled][real[~sampled]], ref[~sampled][real[~sampled]], atol=1e-6, rtol=0)
+    first = replace.float().argmax(1)  # up to its first drawn input a sampled row is teacher-forced too
+    for b in sampled.nonzero().squeeze(1).tolist():
+        torch.testing.assert_close(grid[b, :first[b]], ref[b, :first[b]], atol=1e-6, rtol=0)
+    assert int(caption_loss(mixed, targets)[1]) == int(real.sum())

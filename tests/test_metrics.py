@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from attncap import metrics
+from attncap.data import shapes_scores
 from attncap.errors import AttncapError
 
 OBJECTS = {
@@ -66,17 +67,17 @@ def test_spice_reason_is_reported_without_downloading():
 
 def test_attribute_scores_by_hand():
     perfect = {1: "a red circle and a small blue box", 2: "one green triangle"}
-    assert metrics.attribute_scores(perfect, OBJECTS)["attribute_recall"] == 1.0
-    assert metrics.attribute_scores(perfect, OBJECTS)["attribute_precision"] == 1.0
+    assert shapes_scores.attribute_scores(perfect, OBJECTS)["attribute_recall"] == 1.0
+    assert shapes_scores.attribute_scores(perfect, OBJECTS)["attribute_precision"] == 1.0
     # objects: red circle yes, blue square yes, green triangle no -> 2/3
     # mentions: red circle yes, green square no, blue square yes, yellow star no -> 2/4
     wrong = {1: "a red circle a green square and a blue square", 2: "a yellow star"}
-    scores = metrics.attribute_scores(wrong, {str(k): v for k, v in OBJECTS.items()})  # objects.json keys
+    scores = shapes_scores.attribute_scores(wrong, {str(k): v for k, v in OBJECTS.items()})  # objects.json keys
     assert scores["attribute_recall"] == pytest.approx(2 / 3)
     assert scores["attribute_precision"] == pytest.approx(0.5)
     assert (scores["attribute_objects"], scores["attribute_mentions"]) == (3, 4)
     with pytest.raises(AttncapError, match="image 9"):
-        metrics.attribute_scores({9: "a red circle"}, OBJECTS)
+        shapes_scores.attribute_scores({9: "a red circle"}, OBJECTS)
 
 
 def _attention(n_tokens, peaks):
@@ -90,11 +91,13 @@ def _attention(n_tokens, peaks):
 def test_grounding_by_hand():
     tokens = {1: "a red circle and a blue star".split()}  # the blue star is not in the image: not counted
     # 224 px / 7 cells = 32 px cells; centres 16 and 48 fall in the 64 px red circle box: 4 of 49 cells
-    inside = metrics.grounding_scores(tokens, {1: _attention(7, {1: (0, 0), 2: (1, 1)})}, OBJECTS, 224)
-    assert inside == {"grounding": 1.0, "grounding_chance": pytest.approx(4 / 49), "grounding_words": 2}
-    outside = metrics.grounding_scores(tokens, {1: _attention(7, {1: (6, 6), 2: (2, 0)})}, OBJECTS, 224)
+    inside = shapes_scores.grounding_scores(tokens, {1: _attention(7, {1: (0, 0), 2: (1, 1)})}, OBJECTS, 224)
+    # mass: the 4 box cells hold 1 + 3 x 0.01 of the row's 1 + 48 x 0.01
+    assert inside == {"grounding": 1.0, "grounding_chance": pytest.approx(4 / 49), "grounding_words": 2,
+                      "grounding_mass": pytest.approx(1.03 / 1.48)}
+    outside = shapes_scores.grounding_scores(tokens, {1: _attention(7, {1: (6, 6), 2: (2, 0)})}, OBJECTS, 224)
     assert outside["grounding"] == 0.0 and outside["grounding_words"] == 2
-    half = metrics.grounding_scores(tokens, {1: _attention(7, {1: (0, 1), 2: (3, 3)})}, OBJECTS, 224)
+    half = shapes_scores.grounding_scores(tokens, {1: _attention(7, {1: (0, 1), 2: (3, 3)})}, OBJECTS, 224)
     assert half["grounding"] == 0.5
 
 
@@ -104,11 +107,11 @@ def test_grounding_any_matching_box_and_chance_over_words():
                    {"bbox": [96, 0, 32, 32], "colour": "blue", "shape": "square"}]}
     tokens = {1: "two red circles and a blue box".split()}
     alpha = _attention(7, {1: (6, 6), 2: (5, 5), 5: (0, 3), 6: (0, 0)})  # box word points at a circle
-    scores = metrics.grounding_scores(tokens, {1: alpha}, objects, 224)
+    scores = shapes_scores.grounding_scores(tokens, {1: alpha}, objects, 224)
     assert scores["grounding"] == pytest.approx(3 / 4)
     assert scores["grounding_chance"] == pytest.approx((8 / 49 + 8 / 49 + 1 / 49 + 1 / 49) / 4)
 
 
 def test_grounding_rejects_misaligned_attention():
     with pytest.raises(AttncapError, match="image 1"):
-        metrics.grounding_scores({1: ["a", "red", "circle"]}, {1: np.ones((2, 7, 7))}, OBJECTS, 224)
+        shapes_scores.grounding_scores({1: ["a", "red", "circle"]}, {1: np.ones((2, 7, 7))}, OBJECTS, 224)

@@ -1,10 +1,11 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attncap.config import ModelConfig
 from attncap.errors import AttncapError
-from attncap.model import Captioner, caption_loss
+from attncap.model import Captioner, Output, caption_loss, loss_terms
 
 SMALL = dict(embed_dim=8, proj_dim=12, attention_dim=10, hidden_dim=16, fc_dim=9)
 
@@ -108,3 +109,47 @@ def test_region_positions_say_where_each_cell_is():
     assert not torch.allclose(regions[0], regions[8])
     with pytest.raises(AttncapError, match="square grid"):
         model.encode(torch.zeros(1, 7, 6))
+
+
+def hand_made_output():
+    """Two captions (3 and 2 real steps) over V = 4 words and R = 3 regions, in a (2, 3) grid."""
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 1.0, -1.0],
+                           [0.0, 3.0, 0.0, 0.0], [-2.0, 0.0, 2.0, 1.0]])
+    alphas = torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.2, 0.6], [1.0, 0.0, 0.0],
+                           [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
+    index = torch.tensor([0, 1, 2, 3, 4])  # caption 0: steps 0..2; caption 1: steps 0..1
+    targets = torch.tensor([[1, 3, 2], [1, 2, 0]])
+    return Output(logits, alphas, index, (2, 3)), targets
+
+
+def test_label_smoothing_equals_the_hand_computed_loss():
+    out, targets = hand_made_output()
+    eps, V = 0.1, 4
+    real = [(0, 1), (1, 3), (2, 2), (3, 1), (4, 2)]  # (row, target) of each real token
+    expected = 0.0
+    for row, y in real:
+        logp = out.logits[row].log_softmax(-1)
+        q = torch.full((V,), eps / V)
+        q[y] += 1 - eps                                  # 1 - eps on the target, eps / V everywhere
+        expected += float(-(q * logp).sum())
+    terms = loss_terms(out, targets, label_smoothing=eps)
+    assert abs(float(terms.total) - expected / 5) < 1e-6
+    plain = sum(float(-out.logits[row].log_softmax(-1)[y]) for row, y in real) / 5
+    assert abs(float(terms.ce) - plain) < 1e-6  # the logged loss stays plain cross-entropy
+    flat = targets.reshape(-1)[out.index]
+    torch.testing.assert_close(terms.total, F.cross_entropy(out.logits, flat, label_smoothing=eps))
+    assert int(terms.tokens) == 5 and float(terms.penalty) == 0.0
+
+
+def test_attention_penalty_is_eq_14_summed_over_regions_per_caption():
+    out, targets = hand_made_output()
+    # caption 0 attends 0.5+0.2+1.0, 0.25+0.2+0.0, 0.25+0.6+0.0; caption 1: 0.4, 1.1, 0.5
+    per_caption = [(1 - 1.7) ** 2 + (1 - 0.45) ** 2 + (1 - 0.85) ** 2,
+                   (1 - 0.4) ** 2 + (1 - 1.1) ** 2 + (1 - 0.5) ** 2]
+    terms = loss_terms(out, targets, alpha_c=2.0)
+    assert abs(float(terms.penalty) - 2.0 * sum(per_caption) / 2) < 1e-6  # mean over captions, sum over R
+    assert abs(float(terms.total) - float(terms.ce) - float(terms.penalty)) < 1e-6
+    shared = loss_terms(out, targets, alpha_c=2.0, captions=8)  # data-parallel: the global count
+    assert abs(float(shared.penalty) - 2.0 * sum(per_caption) / 8) < 1e-6
+    total, ntok = caption_loss(out, targets, alpha_c=2.0)
+    assert float(total) == float(terms.total) and int(ntok) == 5

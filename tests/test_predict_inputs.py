@@ -98,3 +98,32 @@ def test_caption_out_notes_position_ids_and_refuses_mixed_names(trained_run, pat
     err = capsys.readouterr().err
     assert "cat.jpg has no number in its name" in err and "rename the files" in err
     assert not mixed.exists()
+
+
+def test_unk_is_never_written_unless_allowed_and_trigrams_can_be_blocked(trained_run, paths, monkeypatch):
+    biased = Predictor.from_run(trained_run)
+    assert biased.cfg.decode.allow_unk is False and biased.cfg.decode.block_trigrams is False
+    unk = biased.vocab.unk
+    with torch.no_grad():
+        biased.model.fc2.bias[unk] += 50.0  # <unk> is by far the likeliest word at every step
+    images = [load_image(p) for p in paths]
+    for beam in (1, 3):
+        default = biased.caption(images, beam_size=beam)
+        assert all("<unk>" not in p.words and p.words for preds in default for p in preds)
+        allowed = biased.caption(images, beam_size=beam, allow_unk=True)
+        assert all("<unk>" in preds[0].words for preds in allowed)
+        blocked = biased.caption(images, beam_size=beam, allow_unk=True, block_trigrams=True)
+        for preds in blocked:
+            grams = list(zip(preds[0].words, preds[0].words[1:], preds[0].words[2:]))
+            assert len(grams) == len(set(grams)), preds[0].words
+
+    seen, original = [], Predictor.caption
+
+    def recorded(self, images, *args):
+        seen.append(args[-2:])
+        return original(self, images, *args)
+    monkeypatch.setattr(Predictor, "caption", recorded)
+    argv = ["caption", str(paths[0]), "--run", str(trained_run), "--quiet"]
+    assert main(argv + ["--allow-unk", "--block-trigrams"]) == 0 and main(argv + ["--no-allow-unk"]) == 0
+    assert main(argv) == 0
+    assert seen == [(True, True), (False, None), (None, None)]  # the CLI flags reach the predictor

@@ -76,6 +76,18 @@ def test_caption_matches_the_predictor_with_attention_and_alternatives(server, p
     assert raw.status_code == 200 and raw.json()["caption"] == expected[0].caption
 
 
+def test_word_rules_are_query_options_with_the_models_defaults(server, predictor, images):
+    expected = predictor.caption([load_image(images[1])], beam_size=2, allow_unk=True, block_trigrams=True)[0]
+    body = httpx.post(f"{server}/caption", params={"beam_size": 2, "allow_unk": "true", "block_trigrams": "true"},
+                      content=images[1].read_bytes(), headers={"content-type": "image/jpeg"}, timeout=60).json()
+    assert body["caption"] == expected[0].caption
+    assert body["options"] == {"beam_size": 2, "n_best": 1, "max_len": predictor.cfg.decode.max_len,
+                               "allow_unk": True, "block_trigrams": True}
+    plain = httpx.post(f"{server}/caption", content=images[1].read_bytes(),
+                       headers={"content-type": "image/jpeg"}, timeout=60).json()
+    assert plain["options"]["allow_unk"] is False and plain["options"]["block_trigrams"] is False
+
+
 def test_concurrent_requests_share_model_calls(server, predictor, images):
     expected = {p.name: c[0].caption for p, c in zip(images, predictor.caption([load_image(p) for p in images]))}
 

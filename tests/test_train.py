@@ -101,3 +101,61 @@ def test_resuming_with_another_model_is_a_clear_error(run_copy):
     state = train(run_copy, tiny_config(train={"epochs": 1}, model={"hidden_dim": 40}), resume=False,
                   progress=False)
     assert state.epoch == 1
+
+
+def test_scheduled_sampling_probability_starts_rises_every_k_epochs_and_stops_at_its_maximum():
+    from attncap.config import TrainConfig
+    from attncap.train import sample_probability
+
+    cfg = TrainConfig(ss_start=3, ss_every=2, ss_step=0.1, ss_max=0.25)
+    assert [round(sample_probability(cfg, e), 6) for e in range(9)] == [0, 0, 0.1, 0.1, 0.2, 0.2, 0.25, 0.25, 0.25]
+    assert all(sample_probability(TrainConfig(), e) == 0.0 for e in range(50))  # off by default
+
+
+def test_resume_with_scheduled_sampling_and_label_smoothing_is_exact(prepared_run, tmp_path, monkeypatch):
+    """Epoch 1 teacher-forces on the fast path; epochs 2 and 3 sample (rows step by step) and the
+    sampling's random numbers come back with the checkpoint."""
+    from attncap.model import Captioner
+
+    calls, original = [], Captioner._scheduled
+
+    def counted(self, *args):
+        calls.append(1)
+        return original(self, *args)
+    monkeypatch.setattr(Captioner, "_scheduled", counted)
+    model = {"decoder": "lstm", "init_from_features": True, "dropout": 0.3, "alpha_c": 0.05}
+    schedule = {"epochs": 3, "ss_start": 2, "ss_every": 1, "ss_step": 0.25, "ss_max": 0.5, "label_smoothing": 0.1}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for d in (straight, split):
+        shutil.copytree(prepared_run, d)
+    train(straight, tiny_config(train=schedule, model=model), progress=False)
+    assert calls
+    calls.clear()
+    train(split, tiny_config(train={**schedule, "max_minutes": 1e-9}, model=model), progress=False)
+    assert calls == []  # ss off in epoch 1: only the fast teacher-forcing path ran
+    train(split, tiny_config(train=schedule, model=model), progress=False)
+    a, b = weights(straight), weights(split)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    logged = lambda run: [json.loads(l) for l in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "time_s"} for r in rs]
+    assert strip(logged(straight)) == strip(logged(split))
+    epochs = [r for r in logged(straight) if "epoch" in r]
+    assert [r["ss_prob"] for r in epochs] == [0.0, 0.25, 0.5]
+    assert all("train_penalty" in r for r in logged(straight))
+
+
+def test_logged_train_loss_is_the_cross_entropy_and_the_penalty_is_logged_beside_it(prepared_run, tmp_path):
+    runs = {}
+    for alpha_c in (0.0, 1.0):
+        runs[alpha_c] = tmp_path / f"alpha{alpha_c}"
+        shutil.copytree(prepared_run, runs[alpha_c])
+        train(runs[alpha_c], tiny_config(train={"epochs": 1, "log_every": 1}, model={"alpha_c": alpha_c}),
+              progress=False)
+    off, on = ([json.loads(l) for l in (runs[a] / "train" / "metrics.jsonl").read_text().splitlines()]
+               for a in (0.0, 1.0))
+    assert off[0]["step"] == on[0]["step"] == 1
+    assert off[0]["train_loss"] == on[0]["train_loss"]  # same weights at step 1: the same cross-entropy
+    assert "train_penalty" not in off[0] and on[0]["train_penalty"] > 1.0  # eq. 14: summed over 49 regions
+    epoch = on[-1]  # train and val loss are one quantity (cross-entropy), the penalty is apart
+    assert abs(epoch["train_loss"] - epoch["val_loss"]) < 0.5 and epoch["train_penalty"] > 5.0

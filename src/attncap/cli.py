@@ -110,6 +110,10 @@ def _caption_parser(sub) -> None:
     p.add_argument("--run", default=DEFAULT_RUN, metavar="DIR", help=f"{MODEL_HELP} (default: {DEFAULT_RUN})")
     p.add_argument("--beam", type=int, default=None, help="beam size (default: the model's)")
     p.add_argument("--n-best", type=int, default=1, help="print the N best captions")
+    p.add_argument("--allow-unk", action=argparse.BooleanOptionalAction, default=None,
+                   help="may captions contain <unk> (default: the model's decode.allow_unk, normally no)")
+    p.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction, default=None,
+                   help="never repeat a trigram within a caption (default: decode.block_trigrams)")
     p.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16)")
     p.add_argument("--out", default=None, metavar="FILE.json",
                    help="write the captions in COCO results format [{image_id, caption, file_name}]")
@@ -219,6 +223,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from .distributed import is_main_process
     from .evaluate import evaluate_beams
 
     cfg = _config(args)
@@ -227,6 +232,8 @@ def cmd_evaluate(args) -> int:
     except ValueError:
         raise AttncapError(f"--beams must be beam sizes separated by commas, e.g. 1,3,5; got {args.beams!r}") from None
     results = evaluate_beams(args.run, beams, cfg.decode, args.split, progress=not args.quiet)
+    if not is_main_process():  # under torchrun, rank 0 alone prints
+        return 0
     if len(results) == 1:
         _print_scores(next(iter(results.values())), args.run)
         return 0
@@ -262,7 +269,8 @@ def cmd_caption(args) -> int:
     paths = find_images(args.images)
     captioned, stems, failed = [], set(), 0
     for item in caption_files(predictor, paths, args.batch_size, args.beam, args.n_best,
-                              progress=not args.quiet):
+                              progress=not args.quiet, allow_unk=args.allow_unk,
+                              block_trigrams=args.block_trigrams):
         if item.error:
             tqdm.write(f"error: {item.error}", file=sys.stderr)
             failed += 1

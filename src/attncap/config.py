@@ -115,6 +115,8 @@ class DataConfig(Section):
     captions: str = setting("")        # COCO captions JSON (dataset="coco"); "" = unset
     images: str = setting("")          # image folder the JSON's file_name entries are relative to
     splits: str = setting("")          # optional split file; "" = a seeded split by image
+    instances: str = setting("")       # COCO instances JSON(s), comma-separated, for CHAIR and grounding;
+    #                                    "" = instances_X.json beside captions_X.json, or images/annotations/
     train_images: int = setting(4000, 1, 1_000_000)  # shapes-world train split size (dataset="shapes")
     val_images: int = setting(500, 1, 1_000_000)     # val/test sizes: shapes world, or seeded COCO split
     test_images: int = setting(500, 1, 1_000_000)
@@ -200,6 +202,7 @@ class DecodeConfig(Section):
     length_penalty: float = setting(0.0, 0.0, 5.0)  # score / length**length_penalty; 0 = raw log-probability
     n_best: int = setting(1, 1, 50)                # captions kept per image, at most beam_size
     eval_batch_size: int = setting(64, 1, 4096)    # images per decoding batch
+    threads: int = setting(0, 0, 1024)             # torch threads per process in evaluate; 0 = cores / processes
     allow_unk: bool = setting(False)               # False: <unk> is never emitted
     block_trigrams: bool = setting(False)          # no trigram twice in one caption (self-critical.pytorch)
 

@@ -126,8 +126,11 @@ class CaptionSplit:
         return Batch(self.features(pairs[:, 0]), *teacher_forcing(tokens),
                      [self.image_ids[i] for i in pairs[:, 0]])
 
-    def image_batches(self, batch_size: int):
-        """Yield (image ids, features) over every image once, in order (for decoding)."""
-        for lo in range(0, len(self), batch_size):
+    def image_batches(self, batch_size: int, keep=None):
+        """Yield (image ids, features) over every image once, in order (for decoding); only the
+        batches whose number ``keep(b)`` accepts, when given (one rank's share)."""
+        for b, lo in enumerate(range(0, len(self), batch_size)):
+            if keep is not None and not keep(b):
+                continue
             index = np.arange(lo, min(lo + batch_size, len(self)))
             yield [self.image_ids[i] for i in index], self.features(index)

@@ -188,7 +188,7 @@ def beam_search(model: Captioner, features: torch.Tensor, start: int, end: int, 
         logp, alpha, state = _step(model, memory, state, words, start, end, t >= min_len, banned,
                                    beams.tokens if block_trigrams else None)
         n, V = len(images), logp.shape[-1]
-        total = (beams.scores.unsqueeze(-1) + logp.view(n, K, V)).view(n, K * V)
+        total = logp.view(n, K, V).add_(beams.scores.unsqueeze(-1)).view(n, K * V)  # logp is not read again
         top, idx = total.topk(2 * K, dim=1)                          # (n, 2K): at most K end here
         origin = (idx // V) + (torch.arange(n, device=dev) * K).unsqueeze(1)  # (n, 2K) flat beam
         word = idx % V
@@ -216,29 +216,36 @@ def beam_search(model: Captioner, features: torch.Tensor, start: int, end: int, 
 
 
 def _collect(finished, images, top, origin, is_end, beams: _Beams, length, penalty, K) -> None:
-    """Move hypotheses that just emitted ``<end>`` into ``finished`` (at most K per image)."""
-    for k, j in is_end.nonzero().tolist():
+    """Move hypotheses that just emitted ``<end>`` into ``finished`` (at most K per image).
+
+    Every candidate's score, words and attention are read at once (one copy, not one per
+    hypothesis: on a GPU each read waits for the device).
+    """
+    where = is_end.nonzero()                                         # (E, 2): image block, rank
+    if len(where) == 0:
+        return
+    rows = origin[where[:, 0], where[:, 1]]                          # (E,) flat beam of each
+    scores = top[where[:, 0], where[:, 1]].tolist()
+    tokens = beams.tokens[rows].tolist()
+    alphas = beams.alphas[rows].float().cpu().numpy()                # (E, length - 1, R)
+    for (k, _), score, words, alpha in zip(where.tolist(), scores, tokens, alphas):
         b = images[k]
-        score = float(top[k, j])
         if len(finished[b]) >= K or score == float("-inf"):
             continue
-        o = int(origin[k, j])
-        tokens = beams.tokens[o].tolist()
-        finished[b].append(Caption(tokens, beams.alphas[o].float().cpu().numpy(), score,
-                                   score / (length ** penalty)))
+        finished[b].append(Caption(words, alpha, score, score / (length ** penalty)))
 
 
 def _flush_alive(finished, images, beams: _Beams, penalty, K) -> None:
     """At max_len, unfinished beams fill the images that still lack K finished hypotheses."""
     length = beams.tokens.shape[1]
+    scores, tokens = beams.scores.tolist(), beams.tokens.tolist()   # (n, K), (n*K, length)
+    alphas = beams.alphas.float().cpu().numpy()                      # (n*K, length, R)
     for row, b in enumerate(images):
         for k in range(K):
-            score = float(beams.scores[row, k])
+            score, o = scores[row][k], row * K + k
             if len(finished[b]) >= K or score == float("-inf"):
                 continue
-            o = row * K + k
-            finished[b].append(Caption(beams.tokens[o].tolist(), beams.alphas[o].float().cpu().numpy(),
-                                       score, score / (length ** penalty)))
+            finished[b].append(Caption(tokens[o], alphas[o], score, score / (length ** penalty)))
 
 
 def decode(model: Captioner, features: torch.Tensor, start: int, end: int, beam_size: int = 1,

@@ -217,8 +217,13 @@ def onnx_interface(vocab: Vocab, cfg: RunConfig, info: dict, input_name: str) ->
         "special_ids": {"pad": vocab.pad, "start": vocab.start, "end": vocab.end, "unk": vocab.unk},
         "mask_before_choosing": ["pad", "start"],
         "mask_end_before_min_len": "end is impossible until a caption has decode.min_len words",
+        "mask_unk": not d.allow_unk,  # decode.allow_unk false: unk is masked like pad and start
+        "block_trigrams": ("when decode.block_trigrams: mask every word that would complete a trigram "
+                           "already in the caption (the third word of each earlier trigram whose first "
+                           "two words are the caption's last two)"),
         "decode": {"beam_size": d.beam_size, "max_len": d.max_len, "min_len": d.min_len,
-                   "length_penalty": d.length_penalty},
+                   "length_penalty": d.length_penalty, "allow_unk": d.allow_unk,
+                   "block_trigrams": d.block_trigrams},
         "encoder": {k: info[k] for k in ("name", "image_size", "grid", "dim", "trainable", "precision")
                     if k in info},
         "opset": OPSET,
@@ -236,6 +241,11 @@ advances every caption of a batch by one word. Greedy decoding:
 2. repeat up to `max_len`: `log_probs, alpha, h, c = step(words, h, c, regions, keys)`; set the
    `pad` and `start` columns of `log_probs` to -inf (and `end` too while a caption has fewer than
    `decode.min_len` words); `words = argmax(log_probs)`; stop a caption at `end`.
+
+attncap's own decoding also masks `unk` unless `decode.allow_unk` (`mask_unk` in `onnx.json`:
+{str(interface['mask_unk']).lower()}) and, with `decode.block_trigrams` (here
+{str(interface['decode']['block_trigrams']).lower()}), every word that would repeat a trigram of
+the caption: the third word of each earlier trigram whose first two words are the last two written.
 
 Beam search keeps K rows per image and reorders `h`, `c`, `regions`, `keys` by the surviving
 beams. Special ids: {spec}. `vocab.json` maps ids to words, `onnx.json` lists every input and

@@ -1,10 +1,11 @@
-"""Caption scores: the COCO metrics (pycocoevalcap) and two shapes-world scores.
+"""Caption scores: the COCO metrics through pycocoevalcap, as coco-caption's COCOEvalCap computes them.
 
-- :func:`caption_scores`: BLEU-1..4, METEOR, ROUGE-L, CIDEr (CIDEr-D, as in the COCO tools) and
-  SPICE when its Stanford models are already installed; needs Java.
+- :class:`CaptionScorer` / :func:`caption_scores`: BLEU-1..4, METEOR, ROUGE-L, CIDEr (CIDEr-D, as
+  in the COCO tools) and SPICE when its Stanford models are already installed; needs Java.
 - :func:`cider`: CIDEr-D alone, pure Python, on already tokenized text (per-epoch validation).
-- :func:`attribute_scores`: do captions name the right (colour, shape) objects?
-- :func:`grounding_scores`: does the attention of colour/shape words land on the named object?
+
+Hallucination (CHAIR) is in :mod:`attncap.chair`, attention grounding in :mod:`attncap.grounding`,
+the shapes world's own scores in :mod:`attncap.data.shapes_scores`.
 
 Corpus-level scores depend on the whole evaluated set (CIDEr's document frequencies come from its
 references), so compare scores only over the same images.
@@ -16,7 +17,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pycocoevalcap.bleu.bleu
 import pycocoevalcap.cider.cider
 import pycocoevalcap.meteor.meteor
@@ -24,7 +24,6 @@ import pycocoevalcap.rouge.rouge
 import pycocoevalcap.spice.spice
 import pycocoevalcap.tokenizer.ptbtokenizer
 
-from .data.shapes import named_objects
 from .errors import AttncapError
 
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
@@ -186,85 +185,3 @@ def cider(references: dict[int, list[str]], candidates: dict[int, str]) -> float
 def coco_results(candidates: dict[int, str]) -> list[dict]:
     """Candidates in the COCO results format: [{"image_id": id, "caption": text}] sorted by id."""
     return [{"image_id": int(i), "caption": candidates[i]} for i in sorted(candidates)]
-
-
-def _objects_of(objects: dict, image_id: int) -> list[dict]:
-    """The objects of one image; keys may be ints or the strings of objects.json."""
-    found = objects.get(image_id, objects.get(str(image_id)))
-    if found is None:
-        raise AttncapError(f"no objects for image {image_id}; pass the objects.json of the same shapes world")
-    return found
-
-
-def attribute_scores(candidates: dict[int, str], objects: dict[int, list[dict]]) -> dict[str, float]:
-    """How well captions name the objects of shapes-world images, over the whole set.
-
-    objects: {image id: [{"colour", "shape", ...}]} (objects.json). Captions are lowercased and split
-    on whitespace, then parsed with :func:`attncap.data.shapes.named_objects`.
-    Returns attribute_recall (share of all objects whose (colour, shape) is named in their caption),
-    attribute_precision (share of mentions naming a (colour, shape) present in the image; 0.0 when
-    nothing is named) and the counts attribute_objects and attribute_mentions.
-    """
-    n_objects = recalled = n_mentions = correct = 0
-    for image_id, caption in candidates.items():
-        present = [(o["colour"], o["shape"]) for o in _objects_of(objects, image_id)]
-        mentions = [(m.colour, m.shape) for m in named_objects(caption.lower().split())]
-        n_objects += len(present)
-        recalled += sum(pair in mentions for pair in present)
-        n_mentions += len(mentions)
-        correct += sum(pair in present for pair in mentions)
-    return {"attribute_recall": recalled / n_objects if n_objects else 0.0,
-            "attribute_precision": correct / n_mentions if n_mentions else 0.0,
-            "attribute_objects": n_objects, "attribute_mentions": n_mentions}
-
-
-def _inside_cells(boxes: list[list[float]], gh: int, gw: int, image_size: int) -> np.ndarray:
-    """(gh, gw) bool: whether each attention cell's centre lies in any [x, y, w, h] box (edges included)."""
-    xs = (np.arange(gw) + 0.5) * image_size / gw  # (gw,) cell centres in pixels
-    ys = (np.arange(gh) + 0.5) * image_size / gh  # (gh,)
-    inside = np.zeros((gh, gw), dtype=bool)
-    for x, y, w, h in boxes:
-        inside |= ((ys >= y) & (ys <= y + h))[:, None] & ((xs >= x) & (xs <= x + w))[None, :]
-    return inside
-
-
-def _attention_of(attention: dict, image_id: int, n_tokens: int) -> np.ndarray:
-    """The (n_tokens, gh, gw) attention of one image, checked."""
-    if image_id not in attention:
-        raise AttncapError(f"no attention maps for image {image_id}; pass one (n_tokens, gh, gw) array per caption")
-    alpha = np.asarray(attention[image_id], dtype=np.float64)
-    if alpha.ndim != 3 or alpha.shape[0] != n_tokens:
-        raise AttncapError(f"attention for image {image_id} has shape {alpha.shape}, expected ({n_tokens}, gh, gw): "
-                           f"one map per caption token")
-    return alpha
-
-
-def grounding_scores(tokens: dict[int, list[str]], attention: dict[int, np.ndarray],
-                     objects: dict[int, list[dict]], image_size: int) -> dict[str, float]:
-    """Share of colour/shape words whose strongest attention cell lies on a matching object.
-
-    tokens: {image id: caption words}; attention: {image id: (n_tokens, gh, gw)} with row i for
-    tokens[id][i]; objects: {image id: [{"bbox": [x, y, w, h], "colour", "shape"}]} in pixels of
-    the (image_size, image_size) image. Every mention of a (colour, shape) present in the image
-    counts twice (its colour word and its shape word): a hit when the argmax cell's centre falls in
-    the box of any object with that colour and shape. grounding_chance is the expected score of a
-    uniformly random cell (share of cell centres in a matching box), over the same words.
-    Returns {"grounding", "grounding_chance", "grounding_words"} (scores 0.0 when no word counts).
-    """
-    hits, chance, words = 0, 0.0, 0
-    for image_id, caption in tokens.items():
-        alpha = _attention_of(attention, image_id, len(caption))  # (T, gh, gw)
-        image_objects = _objects_of(objects, image_id)
-        for mention in named_objects(list(caption)):
-            boxes = [o["bbox"] for o in image_objects if (o["colour"], o["shape"]) == (mention.colour, mention.shape)]
-            if not boxes:
-                continue
-            inside = _inside_cells(boxes, alpha.shape[1], alpha.shape[2], image_size)  # (gh, gw)
-            for index in (mention.colour_index, mention.shape_index):
-                row, col = np.unravel_index(int(np.argmax(alpha[index])), inside.shape)
-                hits += bool(inside[row, col])
-                chance += float(inside.mean())
-                words += 1
-    return {"grounding": hits / words if words else 0.0,
-            "grounding_chance": chance / words if words else 0.0,
-            "grounding_words": words}

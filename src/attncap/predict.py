@@ -8,6 +8,7 @@ weights, so an export captions without the encoder's own package or a download.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from .checkpoint import load_model
-from .decoding import beam_search
+from .decoding import beam_search, options
 from .encoders import Encoder, build_encoder
 from .errors import AttncapError
 from .files import recover_folder
@@ -87,8 +88,12 @@ class Predictor:
         return pixels if self.encoder is None else self.encoder(pixels)
 
     def caption(self, images: ImageInput, beam_size: int | None = None, n_best: int = 1,
-                max_len: int | None = None) -> list[list[Prediction]]:
+                max_len: int | None = None, allow_unk: bool | None = None,
+                block_trigrams: bool | None = None) -> list[list[Prediction]]:
         """The ``n_best`` captions of every image, best first; all images in one batched beam search.
+
+        Options left None are the model's ``decode.*`` settings (``allow_unk``: may ``<unk>`` be
+        written; ``block_trigrams``: forbid repeating a trigram within a caption).
 
         ``images``: a PIL image (other modes than RGB are converted with ``convert("RGB")``), a path
         (read with :func:`attncap.images.load_image`), or a list or tuple of them. The result
@@ -97,10 +102,11 @@ class Predictor:
         """
         loaded = _as_images(images)
         return self.caption_pixels(torch.stack([self.pixels(im) for im in loaded]), beam_size,
-                                   n_best, max_len)
+                                   n_best, max_len, allow_unk, block_trigrams)
 
     def caption_pixels(self, pixels: torch.Tensor, beam_size: int | None = None, n_best: int = 1,
-                       max_len: int | None = None) -> list[list[Prediction]]:
+                       max_len: int | None = None, allow_unk: bool | None = None,
+                       block_trigrams: bool | None = None) -> list[list[Prediction]]:
         """Like :meth:`caption`, for images already preprocessed by :meth:`pixels`: uint8 (B, 3, S, S)."""
         s = self.image_size
         if pixels.dtype != torch.uint8 or pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s):
@@ -108,9 +114,12 @@ class Predictor:
                                f"got {pixels.dtype} {tuple(pixels.shape)}")
         d = self.cfg.decode
         max_len = max_len or d.max_len
+        chosen = {"allow_unk": allow_unk, "block_trigrams": block_trigrams}
+        d = dataclasses.replace(d, min_len=min(d.min_len, max_len),  # a short max_len from a request wins
+                                **{k: v for k, v in chosen.items() if v is not None})
         results = beam_search(self.model, self._encode(pixels), self.vocab.start, self.vocab.end,
                               beam_size or d.beam_size, max_len, d.length_penalty, n_best,
-                              min(d.min_len, max_len))  # a short max_len from a request wins
+                              **options(d, self.vocab.unk))
         out = []
         for hyps in results:
             preds = []
@@ -205,7 +214,8 @@ def find_images(inputs: list[str | Path]) -> list[Path]:
 
 def caption_files(predictor: Predictor, paths: list[Path], batch_size: int = 16,
                   beam_size: int | None = None, n_best: int = 1, max_len: int | None = None,
-                  max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> Iterator[FileCaptions]:
+                  max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, allow_unk: bool | None = None,
+                  block_trigrams: bool | None = None) -> Iterator[FileCaptions]:
     """Caption ``paths`` in batches of ``batch_size`` images, yielding one result per path in order.
 
     Unreadable files are yielded with their error instead of stopping the run.
@@ -219,7 +229,8 @@ def caption_files(predictor: Predictor, paths: list[Path], batch_size: int = 16,
             batch = [_read(path, max_pixels) for path in paths[first:first + batch_size]]
             readable = [item for item in batch if item.image is not None]
             if readable:
-                preds = predictor.caption([item.image for item in readable], beam_size, n_best, max_len)
+                preds = predictor.caption([item.image for item in readable], beam_size, n_best, max_len,
+                                          allow_unk, block_trigrams)
                 for item, p in zip(readable, preds):
                     item.predictions = p
             yield from batch

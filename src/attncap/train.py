@@ -31,7 +31,7 @@ from . import metrics
 from .checkpoint import load_model, load_state, save_checkpoint
 from .config import RunConfig, TrainConfig
 from .dataset import CaptionSplit, prefetch
-from .decoding import decode_split
+from .decoding import decode_split, options as decode_options
 from .distributed import Dist, StopSignals, process_group, threads_per_process
 from .encoders import build_encoder
 from .errors import AttncapError
@@ -219,7 +219,7 @@ def evaluate(model: Captioner, split: CaptionSplit, vocab: Vocab, cfg: RunConfig
         tokens += int(ntok)
     d = cfg.decode
     decoded = decode_split(model, split, vocab, 1, d.max_len, 0.0, d.eval_batch_size, device,
-                           progress=False, min_len=d.min_len)
+                           progress=False, **decode_options(d, vocab.unk))
     candidates = {image_id: x["caption"] for image_id, x in decoded.items()}
     refs = references(split.records)
     return {"val_loss": total / max(1, tokens), "val_CIDEr": metrics.cider(refs, candidates)}

@@ -4,7 +4,7 @@ Layout under the root folder (``attncap data coco2014 --root ROOT``)::
 
     downloads/train2014.zip ...          the archives (``NAME.part`` while downloading)
     train2014/  val2014/                 the images, as the archives name them
-    annotations/captions_{train,val}2014.json
+    annotations/captions_{train,val}2014.json, instances_{train,val}2014.json (object boxes)
     karpathy/dataset_coco.json           Karpathy's split (train 113,287 with restval / val 5k / test 5k)
 
 A download streams to ``NAME.part``, resumes with HTTP ``Range`` after a dropped connection or a
@@ -69,7 +69,7 @@ VAL2014 = Archive("val2014.zip", "http://images.cocodataset.org/zips/val2014.zip
 ANNOTATIONS2014 = Archive(
     "annotations_trainval2014.zip", "http://images.cocodataset.org/annotations/annotations_trainval2014.zip",
     "annotations", 252_872_794, "031296bbc80c45a1d1f76bf9a90ead27e94e99ec629208449507a4917a3bf009",
-    members=("captions_*2014.json",))
+    members=("captions_*2014.json", "instances_*2014.json"))  # instances: CHAIR and grounding boxes
 KARPATHY = Archive(
     "caption_datasets.zip", "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip",
     "karpathy", 36_745_453, "4cfd70132527b80933105e5829dc9034eaab9573482e2e680abbab6130244817",

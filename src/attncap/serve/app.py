@@ -86,6 +86,8 @@ class CaptionOptions:
     beam_size: int
     n_best: int
     max_len: int
+    allow_unk: bool
+    block_trigrams: bool
 
 
 class Alternative(BaseModel):
@@ -101,7 +103,7 @@ class CaptionResponse(BaseModel):
     grid: int
     n_best: list[Alternative]
     image: dict[str, int]
-    options: dict[str, int]
+    options: dict[str, int | bool]
     timings: dict[str, float]
 
 
@@ -191,7 +193,7 @@ def create_app(predictor: Predictor, limits: ServeLimits = ServeLimits()) -> Fas
                                      "POST an image to /caption; the web page is at /.")
     app.state.predictor, app.state.limits = predictor, limits
     app.state.batcher = MicroBatcher(lambda pixels, o: predictor.caption_pixels(
-        torch.stack(pixels), o.beam_size, o.n_best, o.max_len),
+        torch.stack(pixels), o.beam_size, o.n_best, o.max_len, o.allow_unk, o.block_trigrams),
         limits.max_batch, limits.max_wait_ms, limits.max_queue)
     app.state.budget = MemoryBudget(limits.max_queued_bytes)
     app.state.decoder = DecodePool(limits.decode_workers, limits.max_queue)
@@ -247,12 +249,17 @@ async def health(request: Request) -> dict:
 async def caption(request: Request,
                   beam_size: int | None = Query(None, ge=1, le=MAX_BEAM, description="default: the model's"),
                   n_best: int = Query(1, ge=1, le=MAX_BEAM, description="alternatives to return"),
-                  max_len: int | None = Query(None, ge=1, le=MAX_LEN, description="words at most")) -> dict:
+                  max_len: int | None = Query(None, ge=1, le=MAX_LEN, description="words at most"),
+                  allow_unk: bool | None = Query(None, description="may <unk> be written; default: the model's"),
+                  block_trigrams: bool | None = Query(None, description="never repeat a trigram; default: the "
+                                                      "model's")) -> dict:
     """Caption one image: multipart field ``image``, or the image bytes as the request body."""
     started = time.perf_counter()
     state = request.app.state
     d = state.predictor.cfg.decode
-    options = CaptionOptions(beam_size or d.beam_size, n_best, max_len or d.max_len)
+    options = CaptionOptions(beam_size or d.beam_size, n_best, max_len or d.max_len,
+                             d.allow_unk if allow_unk is None else allow_unk,
+                             d.block_trigrams if block_trigrams is None else block_trigrams)
     if options.n_best > options.beam_size:
         raise HTTPException(422, f"n_best ({n_best}) cannot exceed beam_size ({options.beam_size})")
     if state.batcher.closing:
