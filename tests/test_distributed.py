@@ -168,7 +168,9 @@ def test_two_processes_follow_the_one_process_loss_curve(uneven_runs):
         assert ra["lr"] == rb["lr"]  # the learning rate is not scaled by the world size
     for ra, rb in zip(a, b):
         assert abs(ra["train_loss"] - rb["train_loss"]) <= 1e-4 and ra.keys() == rb.keys()
-    assert b[0]["train_loss"] - b[-2]["train_loss"] > 0.2  # it learned: the curve is not flat
+    # it learned: the cross-entropy falls, and the attention penalty (logged beside it) much more
+    assert b[0]["train_loss"] - b[-2]["train_loss"] > 0.03
+    assert b[-2]["train_penalty"] < 0.8 * b[0]["train_penalty"]
     for k, v in weights(one).items():
         torch.testing.assert_close(weights(two)[k], v, atol=1e-4, rtol=0)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +59,8 @@ def _step(model: Captioner, memory, state, words: torch.Tensor, start: int, end:
     model's own; every emitted token is then a word or ``<end>``, one attention map each.
     """
     logp, alpha, state = model.step(memory, state, words)
+    if logp.requires_grad:  # training samples: log_softmax's backward needs its output unchanged
+        logp = logp.clone()
     logp[:, [PAD, start, *banned]] = float("-inf")
     if not can_end:
         logp[:, end] = float("-inf")
@@ -81,39 +83,49 @@ def _check_lengths(min_len: int, max_len: int) -> None:
                            f"max_len={max_len} (decode.min_len, decode.max_len)")
 
 
-@torch.inference_mode()
-def _sequential(model: Captioner, features: torch.Tensor, start: int, end: int, max_len: int,
-                choose: Chooser, min_len: int, banned: Sequence[int], block_trigrams: bool) -> list[Caption]:
-    """One hypothesis per image, extended word by word with ``choose``, until ``<end>``.
+def _unroll(model: Captioner, memory, state, words: torch.Tensor, start: int, end: int, max_len: int,
+            choose: Chooser, min_len: int, banned: Sequence[int], block_trigrams: bool):
+    """Extend one caption per row word by word with ``choose`` until ``<end>``; finished rows leave
+    the batch, so each step runs only over the captions still being written.
 
-    Finished captions leave the batch: each step runs only over the images still writing.
+    Yields, per step: the rows still running (n,), their log-probabilities (n, V), the words chosen
+    (n,) and the attention (n, R). Gradients flow when the caller enables them.
     """
     _check_lengths(min_len, max_len)
-    memory = model.encode(features)
-    state = model.init_state(memory)
-    B, R, dev = features.shape[0], memory.regions.shape[1], features.device
-    rows = torch.arange(B, device=dev)                      # images still running
-    words = torch.full((B,), start, dtype=torch.long, device=dev)
-    score = torch.zeros(B, device=dev)
-    history = torch.empty(B, 0, dtype=torch.long, device=dev) if block_trigrams else None  # running rows'
-    steps, alphas = [], []
+    rows = torch.arange(len(words), device=words.device)   # the rows still running
+    history = words.new_empty(len(words), 0) if block_trigrams else None
     for t in range(max_len):
         logp, alpha, state = _step(model, memory, state, words, start, end, t >= min_len, banned, history)
         words = choose(logp)
+        yield rows, logp, words, alpha
         if history is not None:
             history = torch.cat([history, words[:, None]], 1)
-        score[rows] += logp.gather(1, words[:, None]).squeeze(1)
-        steps.append(torch.full((B,), end, device=dev).index_copy(0, rows, words))
-        alphas.append(alpha.new_zeros(B, R).index_copy(0, rows, alpha))
         running = words != end
         if not bool(running.all()):
             if not bool(running.any()):
-                break
+                return
             keep = running.nonzero().squeeze(1)
             rows, words = rows[keep], words[keep]
             memory, state = memory.index_select(keep), state.index_select(keep)
             if history is not None:
                 history = history[keep]
+
+
+@torch.inference_mode()
+def _sequential(model: Captioner, features: torch.Tensor, start: int, end: int, max_len: int,
+                choose: Chooser, min_len: int, banned: Sequence[int], block_trigrams: bool) -> list[Caption]:
+    """One hypothesis per image, extended with ``choose`` (see :func:`_unroll`)."""
+    memory = model.encode(features)
+    state = model.init_state(memory)
+    B, R, dev = features.shape[0], memory.regions.shape[1], features.device
+    words = torch.full((B,), start, dtype=torch.long, device=dev)
+    score = torch.zeros(B, device=dev)
+    steps, alphas = [], []
+    for rows, logp, chosen, alpha in _unroll(model, memory, state, words, start, end, max_len, choose,
+                                             min_len, banned, block_trigrams):
+        score[rows] += logp.gather(1, chosen[:, None]).squeeze(1)
+        steps.append(torch.full((B,), end, device=dev).index_copy(0, rows, chosen))
+        alphas.append(alpha.new_zeros(B, R).index_copy(0, rows, alpha))
     tokens = torch.stack(steps, 1).cpu().numpy()            # (B, L)
     maps = torch.stack(alphas, 1).float().cpu().numpy()     # (B, L, R)
     out = []
@@ -147,6 +159,46 @@ def sample(model: Captioner, features: torch.Tensor, start: int, end: int, max_l
         return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
 
     return _sequential(model, features, start, end, max_len, choose, min_len, banned, block_trigrams)
+
+
+class Samples(NamedTuple):
+    """``n`` sampled captions per image: rows ``b * n`` to ``b * n + n - 1`` are image ``b``'s."""
+
+    tokens: torch.Tensor   # (M, L) word ids, <end> included where drawn, 0 after it
+    logp: torch.Tensor     # (M, L) log-probability of each token under the sampling distribution, 0 after
+    entropy: torch.Tensor  # (M, L) entropy of that distribution at each step (no gradient), 0 after
+
+
+def sample_n(model: Captioner, features: torch.Tensor, start: int, end: int, n: int, max_len: int = 30,
+             generator: torch.Generator | None = None, min_len: int = 1, banned: Sequence[int] = (),
+             block_trigrams: bool = False) -> Samples:
+    """Draw ``n`` captions per image with gradients through their log-probabilities (self-critical
+    training). Images are encoded once; all samples run as one batch through :func:`_unroll`,
+    finished ones leaving it, and each word is drawn as :func:`sample` draws it (temperature 1,
+    the masks of the other decoders renormalised away), so with the same generator the words are
+    :func:`sample`'s on the images repeated ``n`` times.
+    """
+    if n < 1:
+        raise AttncapError(f"need at least one sample per image, got {n}")
+    B, dev = features.shape[0], features.device
+    memory = model.encode(features).index_select(torch.arange(B, device=dev).repeat_interleave(n))
+    M = B * n
+    words = torch.full((M,), start, dtype=torch.long, device=dev)
+
+    def choose(logp: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial(torch.softmax(logp.detach(), -1), 1, generator=generator).squeeze(1)
+
+    tokens, logps, entropies = [], [], []
+    for rows, logp, chosen, _ in _unroll(model, memory, model.init_state(memory), words, start, end,
+                                         max_len, choose, min_len, banned, block_trigrams):
+        norm = torch.log_softmax(logp, -1)                             # (n_t, V) over the allowed words
+        tokens.append(words.new_zeros(M).index_copy(0, rows, chosen))
+        logps.append(norm.new_zeros(M).index_copy(0, rows, norm.gather(1, chosen[:, None]).squeeze(1)))
+        with torch.no_grad():
+            p = norm.exp()
+            entropy = -(p * norm.masked_fill(p == 0, 0.0)).sum(-1)    # (n_t,)
+            entropies.append(norm.new_zeros(M).index_copy(0, rows, entropy))
+    return Samples(torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(entropies, 1))
 
 
 @dataclass

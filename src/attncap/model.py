@@ -319,7 +319,7 @@ def loss_terms(output: Output, targets: torch.Tensor, alpha_c: float = 0.0, labe
     if alpha_c <= 0:
         return Loss(total, ce, ce.new_zeros(()), ntok)
     B, T = output.shape
-    weights = output.alphas * keep.unsqueeze(-1)                     # (N, R)
+    weights = output.alphas.float() * keep.unsqueeze(-1)             # (N, R), summed in float32
     attention_total = weights.new_zeros(B, weights.shape[1]).index_add(0, output.index // T, weights)
     penalty = alpha_c * ((1.0 - attention_total) ** 2).sum() / (B if captions is None else captions)
     return Loss(total + penalty, ce, penalty, ntok)
