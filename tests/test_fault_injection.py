@@ -25,7 +25,6 @@ import pytest
 from attncap.checkpoint import load_model, load_state
 from attncap.features import FeatureStore
 from attncap.files import FAULT_AT_ENV, FAULT_RANK_ENV, FAULT_TRACE_ENV, read_jsonl
-from attncap.prepare import load_split
 from faults import Runner, differences, leftovers, points, snapshot, spread
 
 CONFIG = """

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import config as config_lib
 from . import metrics
-from .checkpoint import load_model, load_state, save_checkpoint
+from .checkpoint import save_checkpoint
 from .config import RunConfig, TrainConfig
 from .dataset import CaptionSplit, prefetch
 from .decoding import decode_split, options as decode_options
@@ -36,27 +36,11 @@ from .distributed import Dist, StopSignals, process_group, threads_per_process
 from .encoders import build_encoder
 from .errors import AttncapError
 from .features import FeatureStore
-from .files import append_line, atomic_path, read_jsonl, recover_folder, write_json
+from .files import read_jsonl, recover_folder, write_json
 from .model import Captioner, caption_loss, loss_terms
 from .prepare import load_split, references
+from .resume import MetricsLog, TrainState, restore, rng_state, seed_rank
 from .vocab import Vocab
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0                 # epochs completed
-    step: int = 0                  # optimizer steps taken
-    batch_in_epoch: int = 0        # batches of the current epoch's plan already done
-    epoch_loss: float = 0.0        # summed token cross-entropy of those batches (for the epoch's mean)
-    epoch_tokens: int = 0          # and their number of tokens
-    epoch_penalty: float = 0.0     # summed attention penalty of their captions
-    epoch_captions: int = 0        # and their number of captions
-    best_score: float = -1.0       # best validation CIDEr so far
-    best_epoch: int = 0
-    stale_epochs: int = 0          # epochs since the best
-    seconds: float = 0.0           # training time so far (excluding this process's start-up)
-    stopped: str = ""              # why training ended early, if it did
-    preempted: str = ""            # the signal that stopped this process ("" if none); never saved
 
 
 @dataclass
@@ -74,40 +58,6 @@ class Trainer:
     log: MetricsLog | None         # rank 0 only
     progress: bool
     bf16: bool                     # bf16 autocast for the training step (train.precision)
-
-
-class MetricsLog:
-    """Append-only JSONL log plus TensorBoard scalars (when tensorboard is installed)."""
-
-    def __init__(self, folder: Path, keep_until_step: int):
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / "metrics.jsonl"
-        self._truncate(keep_until_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(folder / "tb"))
-        except ImportError:
-            self.tb = None
-
-    def _truncate(self, step: int) -> None:
-        """Drop records past the checkpoint we resume from (they will be produced again), and a
-        torn last line left by a kill."""
-        if not self.path.exists():
-            return
-        kept = [r for r in read_jsonl(self.path, "training metrics log") if r.get("step", 0) <= step]
-        with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-    def write(self, record: dict) -> None:
-        append_line(self.path, json.dumps(record))
-        if self.tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
@@ -235,76 +185,6 @@ def _build(cfg: RunConfig, vocab: Vocab, store: FeatureStore, device) -> Caption
     return Captioner(cfg.model, len(vocab), dim, encoder).to(device)
 
 
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """This process's random generators (dropout draws from them), as tensors for state.pt."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _seed_rank(cfg: RunConfig, dist: Dist) -> None:
-    """Give ranks other than 0 their own random stream (dropout masks), rank 0 the one-process one."""
-    if dist.rank > 0:
-        torch.manual_seed(cfg.train.seed + dist.rank)
-
-
-def _restore(ckpt: Path, model, optimizer, scheduler, cfg: RunConfig, dist: Dist) -> TrainState:
-    saved = load_state(ckpt)
-    try:
-        resumed, _, ckpt_cfg, _ = load_model(ckpt)
-    except AttncapError as exc:  # e.g. written by an older attncap whose model had other layers
-        raise AttncapError(f"cannot resume from {ckpt}: {exc}; pass --no-resume to start over, or use "
-                           "a new --run directory") from None
-    if ckpt_cfg.model != model.cfg or resumed.vocab_size != model.vocab_size \
-            or resumed.feature_dim != model.feature_dim:
-        raise AttncapError(f"checkpoint {ckpt} was trained with another model, vocabulary or encoder; "
-                           "pass --no-resume to start over, or use a new --run directory")
-    _check_resumable(ckpt, ckpt_cfg, cfg, dist)
-    model.load_state_dict(resumed.state_dict())
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    rng = saved.get("rng") or [{"torch": saved["torch_rng"]}]  # older checkpoints: one process
-    if len(rng) == dist.world_size:
-        torch.set_rng_state(rng[dist.rank]["torch"])
-        if "cuda" in rng[dist.rank] and dist.device.type == "cuda":
-            torch.cuda.set_rng_state(rng[dist.rank]["cuda"], dist.device)
-    else:
-        _seed_rank(cfg, dist)
-        if dist.is_main:
-            print(f"note: {ckpt} was written by {len(rng)} process(es), this run has {dist.world_size}: "
-                  "the data order continues exactly, random draws (dropout) do not", flush=True)
-    fields = {f.name for f in dataclasses.fields(TrainState)}
-    state = TrainState(**{k: v for k, v in json.loads(saved["train_state"]).items() if k in fields})
-    state.preempted = ""
-    return state
-
-
-# Settings a resumed run cannot honour: the optimizer state restored from the checkpoint carries
-# the old lr and weight decay, and the saved position points into the old epoch plan.
-FIXED_ON_RESUME = ("lr", "weight_decay", "batch_size", "captions_per_image", "seed")
-# Settings a resumed run applies from the next step on: the run is no longer the uninterrupted one.
-CHANGED_ON_RESUME = ("epochs", "warmup_steps", "min_lr_ratio", "grad_clip", "precision", "label_smoothing",
-                     "ss_start", "ss_every", "ss_step", "ss_max")
-
-
-def _check_resumable(ckpt: Path, saved: RunConfig, cfg: RunConfig, dist: Dist) -> None:
-    """Refuse a resume whose changed settings would be ignored; note the ones applied from now on."""
-    def changed(keys):
-        return [f"train.{k} {getattr(saved.train, k)!r} -> {getattr(cfg.train, k)!r}" for k in keys
-                if getattr(saved.train, k) != getattr(cfg.train, k)]
-
-    fixed = changed(FIXED_ON_RESUME)
-    if fixed:
-        raise AttncapError(f"cannot resume from {ckpt} with {', '.join(fixed)}: a resumed run keeps the "
-                           "checkpoint's optimizer and epoch plan; undo the change, or pass --no-resume "
-                           "to start over with it")
-    applied = changed(CHANGED_ON_RESUME)
-    if applied and dist.is_main:
-        print(f"note: resuming with {', '.join(applied)}: applied from the next step on, so the run is "
-              "no longer identical to an uninterrupted one", flush=True)
-
-
 def train(run_dir: str | Path, cfg: RunConfig, resume: bool = True, progress: bool = True,
           device: str | None = None) -> TrainState:
     """Train on ``run_dir``'s prepared data and features; resume from ``checkpoints/latest``.
@@ -341,10 +221,10 @@ def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, t
     latest = recover_folder(run_dir / "checkpoints" / "latest")
     recover_folder(run_dir / "checkpoints" / "best")
     if resume and (latest / "state.pt").is_file():
-        state = _restore(latest, model, optimizer, scheduler, cfg, dist)
+        state = restore(latest, model, optimizer, scheduler, cfg, dist)
     else:
         state = TrainState()
-        _seed_rank(cfg, dist)
+        seed_rank(cfg, dist)
         if resume and dist.is_main and read_jsonl(run_dir / "train" / "metrics.jsonl"):
             print(f"note: no checkpoint in {latest}, so training starts from scratch and "
                   "train/metrics.jsonl starts over", flush=True)
@@ -441,7 +321,7 @@ def _stop_reason(cfg: RunConfig, state: TrainState) -> str:
 
 def _checkpoint(t: Trainer, run_dir: Path, vocab: Vocab, encoder_info: dict, improved: bool) -> None:
     """Rank 0 writes ``latest`` (and ``best``) with every rank's RNG state; the others wait for it."""
-    rng = t.dist.gather(_rng_state(t.dist.device))
+    rng = t.dist.gather(rng_state(t.dist.device))
     if t.dist.is_main:
         state = {k: v for k, v in dataclasses.asdict(t.state).items() if k != "preempted"}
         saved = {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
