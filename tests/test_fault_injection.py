@@ -54,7 +54,7 @@ beam_size = 2
 max_len = 8
 eval_batch_size = 8
 """
-KILLS = {"prepare": 40, "features": 14, "train": 16, "export": 12}  # kill points per stage (at most)
+KILLS = {"prepare": 40, "features": 14, "train": 13, "export": 12}  # kill points per stage (at most)
 RANDOM_KILLS = 2  # per stage, at seeded random moments
 KILLED = {}       # stage -> kill points exercised, for the summary test
 
