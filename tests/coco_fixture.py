@@ -96,11 +96,48 @@ def build_mini_coco(root: Path, n_train: int = 12, n_val: int = 16) -> MiniCoco:
             {"info": {}, "images": data["images"], "annotations": instances[split],
              "categories": sorted(CATEGORIES.values(), key=lambda c: c["id"])}))
     karpathy, missing = _karpathy(root, captions, train_ids, val_ids)
+    for dataset in FLICKR_FOLDERS:
+        (root / "karpathy" / f"dataset_{dataset}.json").write_text(json.dumps(karpathy_flickr(dataset)))
     mini = MiniCoco(root, train_ids, val_ids, karpathy, missing, truncated)
     mini.zips = {"train2014.zip": _zip(root, "train2014"), "val2014.zip": _zip(root, "val2014"),
                  "annotations_trainval2014.zip": _zip(root, "annotations"),
-                 "caption_datasets.zip": _zip(root / "karpathy", ".", extra={"dataset_flickr8k.json": b"{}"})}
+                 "caption_datasets.zip": _zip(root / "karpathy", ".", extra={"readme.txt": b"not extracted"})}
     return mini
+
+
+# Where the images of each Flickr set are once the user has unpacked them (see README.md).
+FLICKR_FOLDERS = {"flickr8k": "Flicker8k_Dataset", "flickr30k": "flickr30k-images"}
+
+
+def flickr_name(dataset: str, imgid: int) -> str:
+    """File names as the sets use them: Flickr8k "2513260012_03d33305cf.jpg", Flickr30k "1000092795.jpg"."""
+    return f"{2513260012 + 7 * imgid}_{imgid:010x}.jpg" if dataset == "flickr8k" else f"{1000092795 + imgid}.jpg"
+
+
+def karpathy_flickr(dataset: str, n_train: int = 12, n_val: int = 4, n_test: int = 4) -> dict:
+    """Karpathy's Flickr8k/30k format exactly: "imgid" a running index from 0, "filename", "sentids",
+    "sentences" [{"tokens", "raw", "imgid", "sentid"}] (five, raw with capitals and " ." endings),
+    "split" train/val/test; no "filepath", no "cocoid"."""
+    images, sentid = [], 0
+    for imgid in range(n_train + n_val + n_test):
+        _, colour, shape = draw(imgid)
+        raws = [*captions_for(colour, shape), f"A {colour} {shape} sits in the middle ."]
+        sentences = [{"tokens": r.lower().rstrip(" .").split(), "raw": r, "imgid": imgid, "sentid": sentid + k}
+                     for k, r in enumerate(raws)]
+        split = "train" if imgid < n_train else "val" if imgid < n_train + n_val else "test"
+        images.append({"sentids": [s["sentid"] for s in sentences], "imgid": imgid, "sentences": sentences,
+                       "split": split, "filename": flickr_name(dataset, imgid)})
+        sentid += len(sentences)
+    return {"images": images, "dataset": dataset}
+
+
+def write_flickr_images(folder: Path, split_file: Path) -> list[int]:
+    """Draw every image a Karpathy Flickr split file names into ``folder``; returns the test imgids."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = json.loads(Path(split_file).read_text())["images"]
+    for entry in entries:
+        draw(entry["imgid"])[0].save(folder / entry["filename"], quality=90)
+    return [e["imgid"] for e in entries if e["split"] == "test"]
 
 
 def _karpathy(root: Path, captions: dict, train_ids: list[int], val_ids: list[int]):

@@ -35,7 +35,10 @@ def assert_extracted(root, mini):
     assert sorted(p.name for p in (root / "annotations").iterdir()) == [
         MARKER, "captions_train2014.json", "captions_val2014.json", "instances_train2014.json",
         "instances_val2014.json"]
-    assert sorted(p.name for p in (root / "karpathy").iterdir()) == [MARKER, "dataset_coco.json"]
+    karpathy = ["dataset_coco.json", "dataset_flickr30k.json", "dataset_flickr8k.json"]  # not readme.txt
+    assert sorted(p.name for p in (root / "karpathy").iterdir()) == [MARKER, *karpathy]
+    for name in karpathy:
+        assert (root / "karpathy" / name).read_bytes() == (mini.root / "karpathy" / name).read_bytes()
     assert not list(root.rglob("*.part")) and not list(root.glob("*.tmp-extract"))
 
 
@@ -223,3 +226,23 @@ def test_server_without_content_length_is_resumed_not_deleted(mini_coco, tmp_pat
         download(f"{server.url}/val2014.zip", tmp_path / "k.zip", len(data), progress=False, **FAST)
         assert server.requested("val2014.zip")[-1] == "bytes=1000-"
         assert (tmp_path / "k.zip").read_bytes() == data and not (tmp_path / "k.zip.part").exists()
+
+
+def test_karpathy_folder_marked_by_an_older_attncap_gets_the_flickr_files(mini_coco, tmp_path):
+    """A karpathy/ marked complete with dataset_coco.json only (attncap before Flickr support):
+    the next run extracts the two Flickr files from the kept zip and leaves the rest alone."""
+    with ZipServer(mini_coco.zips) as server:
+        fetch(tmp_path, server, images=False)
+        folder = tmp_path / "karpathy"
+        for name in ("dataset_flickr8k.json", "dataset_flickr30k.json"):
+            (folder / name).unlink()
+        (folder / "dataset_coco.json").write_bytes(b"kept")  # were it re-extracted, its size would differ
+        before = len(server.requests)
+        with pytest.raises(AttncapError, match="dataset_coco.json is 4 bytes"):
+            fetch(tmp_path, server, images=False)  # a file of another size is never overwritten
+        (folder / "dataset_coco.json").write_bytes((mini_coco.root / "karpathy" / "dataset_coco.json").read_bytes())
+        fetch(tmp_path, server, images=False)
+        assert len(server.requests) == before  # the zip in downloads/ is reused
+        assert (folder / MARKER).is_file()
+        for name in ("dataset_flickr8k.json", "dataset_flickr30k.json"):
+            assert (folder / name).read_bytes() == (mini_coco.root / "karpathy" / name).read_bytes()

@@ -19,6 +19,10 @@ VARIANTS = {
     "paper_lstm": dict(decoder="lstm", init_from_features=True, gate=True, alpha_c=1.0),
     "gru_gate_positions": dict(decoder="gru", init_from_features=True, gate=True, alpha_c=0.5,
                                region_positions=True),
+    # sgrvinod's tutorial model (attncap import sgrvinod)
+    "sgrvinod": dict(decoder="lstm", init_from_features=True, init_activation="none", gate=True,
+                     gate_vector=True, project_regions=False, attention_score="relu", output_layers=1,
+                     alpha_c=1.0),
 }
 
 
@@ -27,22 +31,25 @@ def reference_forward(m: Captioner, features, inputs):
     c = m.cfg
     A, G, H = c.attention_dim, m.word_gates.out_features, c.hidden_dim
     W, b = m.hidden.weight, m.hidden.bias
-    regions = features @ m.project.weight.t() + m.project.bias                  # (B, R, P)
-    if c.region_positions:  # cell centres of the 2x2 grid, row by row
-        xy = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]])
-        regions = regions + xy @ m.position.weight.t()
-    regions = F.relu(regions)
+    regions = features                                                          # (B, R, D) unprojected
+    if c.project_regions:
+        regions = features @ m.project.weight.t() + m.project.bias              # (B, R, P)
+        if c.region_positions:  # cell centres of the 2x2 grid, row by row
+            xy = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]])
+            regions = regions + xy @ m.position.weight.t()
+        regions = F.relu(regions)
     keys = regions @ m.attention.key.weight.t() + m.attention.key.bias          # (B, R, A)
     mean = regions.mean(1)
-    h = torch.tanh(m.init_h(mean)) if c.init_from_features else regions.new_zeros(len(inputs), H)
-    cell = torch.tanh(m.init_c(mean)) if c.decoder == "lstm" and c.init_from_features else torch.zeros_like(h)
+    act = torch.tanh if c.init_activation == "tanh" else (lambda x: x)
+    h = act(m.init_h(mean)) if c.init_from_features else regions.new_zeros(len(inputs), H)
+    cell = act(m.init_c(mean)) if c.decoder == "lstm" and c.init_from_features else torch.zeros_like(h)
     logits, alphas = [], []
     for t in range(inputs.shape[1]):
         query = h @ W[:A].t() + b[:A]
-        energy = torch.tanh(keys + query[:, None, :])
+        energy = (torch.tanh if c.attention_score == "tanh" else torch.relu)(keys + query[:, None, :])
         alpha = torch.softmax((energy * m.attention.score.weight[0]).sum(-1), -1)  # (B, R)
         context = (alpha[:, :, None] * regions).sum(1)
-        if c.gate:
+        if c.gate:  # a scalar (B, 1), or one per channel (B, P) with gate_vector
             context = torch.sigmoid(h @ W[A + G:].t() + b[A + G:]) * context
         x = torch.cat([m.embed.weight[inputs[:, t]], context], 1)
         w_ih = torch.cat([m.word_gates.weight, m.context_gates.weight], 1)
@@ -56,7 +63,7 @@ def reference_forward(m: Captioner, features, inputs):
             i, f, g, o = (gi + gh).split(H, 1)
             cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(cell)
-        logits.append(m.fc2(m.fc1(h)))
+        logits.append(m.fc2(m.fc1(h)) if c.output_layers == 2 else m.fc2(h))
         alphas.append(alpha)
     return torch.stack(logits, 1), torch.stack(alphas, 1)
 

@@ -137,3 +137,74 @@ def test_html_report_links_are_relative(tmp_path):
     for bad in ("https://cdn.example.com/x.png", "/etc/passwd"):
         with pytest.raises(AttncapError, match="relative"):
             _report(tmp_path, figures={"Loss": bad})
+
+
+def test_grounded_word_gets_its_box_in_figure_and_gif(tmp_path):
+    """A box [x, y, w, h] in the original image's pixels is outlined on that word's overlay only,
+    scaled to the 320-px display copy (the 640x480 image is shown at 320x240: half size)."""
+    from matplotlib.patches import Rectangle
+
+    from attncap.report import _figure
+
+    image = _square_scene().resize((640, 480))  # the red square: x 384..480, y 96..192
+    words, alphas, box = ["a", "red", "square"], _alphas(3), [384.0, 96.0, 96.0, 96.0]
+    fig = _figure(image, words, alphas, 5, {2: [box]})
+    patches = [[p for p in ax.patches if isinstance(p, Rectangle)] for ax in fig.axes]
+    assert [len(p) for p in patches[:4]] == [0, 0, 0, 1]  # axes 0 is the plain image, 3 the word "square"
+    (rect,) = patches[3]
+    assert rect.get_xy() == (191.5, 47.5) and (rect.get_width(), rect.get_height()) == (48.0, 48.0)
+
+    plain = attention_gif(image, words, alphas, tmp_path / "plain.gif")
+    boxed = attention_gif(image, words, alphas, tmp_path / "boxed.gif", boxes={2: [box]})
+    with Image.open(plain) as a, Image.open(boxed) as b:
+        for frame in range(3):
+            a.seek(frame)
+            b.seek(frame)
+            pa, pb = np.asarray(a.convert("RGB"), np.int32), np.asarray(b.convert("RGB"), np.int32)
+            edge, centre = pb[70, 192], pb[70, 215]  # the box's left edge; inside it
+            if frame == 2:
+                assert abs(edge - (0, 229, 255)).max() < 40 and (pa[70, 192] != pb[70, 192]).any()
+                assert abs(centre - pa[70, 215]).max() < 8  # only the outline is drawn (GIF palettes differ)
+            else:
+                assert abs(pa - pb).max() < 8
+    with pytest.raises(ValueError, match="caption has 3 words"):
+        attention_figure(image, words, alphas, tmp_path / "bad.png", boxes={3: [box]})
+    with_box = attention_figure(image, words, alphas, tmp_path / "boxed.png", boxes={2: [box]})
+    without = attention_figure(image, words, alphas, tmp_path / "plain.png")
+    with Image.open(with_box) as a, Image.open(without) as b:
+        assert a.size == b.size and not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_html_report_marks_hallucinated_words_with_a_legend(tmp_path):
+    samples = [{"image": "a.jpg", "caption": "a dog next to a teddy bear <b>", "hallucinated": [5, 6]},
+               {"image": "b.jpg", "caption": "a cat", "hallucinated": []}]
+    page = _report(tmp_path, samples=samples).read_text(encoding="utf-8")
+    mark = '<mark class="hallucinated" title="not in the image">'
+    assert f'a dog next to a {mark}teddy</mark> {mark}bear</mark> &lt;b&gt;' in page
+    assert page.count(mark) == 2 and 'class="small legend"' in page and "mark.hallucinated{" in page
+    assert '<p class="caption">a cat</p>' in page
+    assert "legend" not in _report(tmp_path, samples=[{"image": "a.jpg", "caption": "a dog"}]).read_text()
+
+
+def test_evaluate_report_marks_every_name_of_a_hallucinated_object_and_draws_grounded_boxes(tmp_path,
+                                                                                             monkeypatch):
+    """evaluate.write_report turns score_split's notes into cards: "dog" and "puppies" (one absent
+    category; CHAIR lists its first phrase only) marked, the "dog" of "hot dog" not; the grounded
+    token's boxes reach the figure and the GIF."""
+    from attncap import evaluate, report
+
+    _square_scene().save(tmp_path / "img.jpg")
+    words = ["a", "dog", "eats", "a", "hot", "dog", "near", "puppies"]
+    decoded = {7: {"caption": " ".join(words), "words": words, "attention": _alphas(len(words))}}
+    records = [{"id": 7, "file": str(tmp_path / "img.jpg"), "captions": ["a hot dog"]}]
+    notes = {7: {"hallucinated": ["dog"], "grounded": [{"token": 5, "boxes": [[128.0, 32.0, 32.0, 32.0]]}]}}
+    drawn = {}
+    for name in ("attention_figure", "attention_gif"):
+        real = getattr(report, name)
+        monkeypatch.setattr(report, name, lambda *a, _real=real, _name=name, **k: (
+            drawn.__setitem__(_name, k.get("boxes")), _real(*a, **k))[1])
+    page = evaluate.write_report(tmp_path / "run", {"CHAIRs": 1.0}, decoded, records, 1, 3, notes).read_text()
+    mark = '<mark class="hallucinated" title="not in the image">'
+    assert f"a {mark}dog</mark> eats a hot dog near {mark}puppies</mark>" in page and "legend" in page
+    assert drawn == {"attention_figure": {5: [[128.0, 32.0, 32.0, 32.0]]},
+                     "attention_gif": {5: [[128.0, 32.0, 32.0, 32.0]]}}

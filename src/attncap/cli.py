@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--verify", action="store_true", help="check the store against its manifest")
         if name in ("train", "demo"):
             p.add_argument("--no-resume", action="store_true", help="start training over instead of resuming")
+        if name == "train":
+            p.add_argument("--scst", action="store_true", help="self-critical training ([scst] settings) "
+                           "from the run's cross-entropy checkpoint, into checkpoints/scst_latest, scst_best")
         if name == "evaluate":
             p.add_argument("--split", default="test", choices=["train", "val", "test"])
             p.add_argument("--beams", metavar="K,K,...", help="score several settings, e.g. 1,3,5 "
@@ -79,8 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     _caption_parser(sub)
     _serve_parser(sub)
     _export_parser(sub)
+    _import_parser(sub)
     _data_parser(sub)
     return parser
+
+
+def _import_parser(sub) -> None:
+    p = sub.add_parser("import", help="turn a published checkpoint into an attncap model folder",
+                       description="Read sgrvinod's a-PyTorch-Tutorial-to-Image-Captioning checkpoint "
+                       "(BEST_checkpoint_*.pth.tar) and its WORDMAP_*.json without running code from "
+                       "them; write a model folder that caption, serve, export and attncap.load use.")
+    p.add_argument("source", choices=["sgrvinod"], help="whose checkpoint format")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="the .pth.tar file")
+    p.add_argument("word_map", metavar="WORDMAP", help="its WORDMAP_*.json")
+    p.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
 
 
 def _data_parser(sub) -> None:
@@ -215,9 +230,15 @@ def cmd_train(args) -> int:
     from .distributed import EXIT_PREEMPTED, is_main_process
     from .pipeline import train_stage
 
-    state = train_stage(args.run, _config(args), resume=not args.no_resume, progress=not args.quiet)
+    cfg = _config(args)
+    if args.scst:
+        from .scst_train import scst_train
+        state = scst_train(args.run, cfg, resume=not args.no_resume, progress=not args.quiet)
+    else:
+        state = train_stage(args.run, cfg, resume=not args.no_resume, progress=not args.quiet)
     if is_main_process():  # under torchrun, once for the run rather than once per process
-        print(f"trained {state.epoch} epochs ({state.step} steps); best val CIDEr {state.best_score:.3f} "
+        what = f"self-critical: best val CIDEr (beam {cfg.decode.beam_size})" if args.scst else "best val CIDEr"
+        print(f"trained {state.epoch} epochs ({state.step} steps); {what} {state.best_score:.3f} "
               f"at epoch {state.best_epoch}" + (f"; stopped: {state.stopped}" if state.stopped else ""))
     return EXIT_PREEMPTED if state.preempted else 0  # 75: a job script may requeue and resume
 
@@ -331,6 +352,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from .sgrvinod import import_checkpoint
+
+    out = import_checkpoint(args.checkpoint, args.word_map, args.out)
+    print(f"imported ({args.source}): {out}\nnext: attncap caption IMAGE --run {out}")
+    return 0
+
+
 def cmd_data(args) -> int:
     from .data.coco import fetch_coco2014
 
@@ -347,7 +376,7 @@ def cmd_data(args) -> int:
 
 COMMANDS = {"demo": cmd_demo, "prepare": cmd_prepare, "features": cmd_features,
             "train": cmd_train, "evaluate": cmd_evaluate, "caption": cmd_caption, "data": cmd_data,
-            "serve": cmd_serve, "export": cmd_export}
+            "serve": cmd_serve, "export": cmd_export, "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:

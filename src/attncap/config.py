@@ -24,7 +24,7 @@ from .errors import AttncapError
 
 # Duplicated from encoders.ENCODERS and model.DECODERS (tests check they agree) so that reading a
 # config never imports torch.
-ENCODER_NAMES = ("inception_v3", "efficientnet_lite0", "resnet101", "small_cnn")
+ENCODER_NAMES = ("inception_v3", "efficientnet_lite0", "resnet101", "small_cnn", "resnet101_sgrvinod")
 DECODER_NAMES = ("gru", "lstm")
 PRECISIONS = ("fp32", "bf16", "auto")
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
@@ -159,6 +159,16 @@ class ModelConfig(Section):
     alpha_c: float = setting(0.0, 0.0, 100.0)    # doubly stochastic attention lambda (Xu et al. eq. 14:
     #                                              lambda * sum over regions per caption); 0 = off
     region_positions: bool = setting(False)      # learned projection of each region's (x, y) (demo: on)
+    # sgrvinod's tutorial model (attncap import sgrvinod) sets the next five the other way
+    project_regions: bool = setting(True)        # FC + ReLU over each region; false: raw regions (P = D)
+    attention_score: str = setting("tanh", choices=("tanh", "relu"))  # v . tanh(..) (paper) | w . relu(..)
+    gate_vector: bool = setting(False)           # with gate: a sigmoid per context channel, not a scalar
+    output_layers: int = setting(2, 1, 2)        # 2: fc2(fc1(h)) (seed); 1: fc(dropout(h))
+    init_activation: str = setting("tanh", choices=("tanh", "none"))  # on init_h/init_c (paper: tanh)
+
+    def relations(self) -> Iterator[tuple[str, bool, str]]:
+        yield ("region_positions", self.project_regions or not self.region_positions,
+               "false when model.project_regions is false")
 
 
 @dataclass(frozen=True)
@@ -212,12 +222,34 @@ class DecodeConfig(Section):
 
 
 @dataclass(frozen=True)
+class ScstConfig(Section):
+    """Self-critical sequence training (``attncap train --scst``), after cross-entropy training."""
+
+    section: ClassVar[str] = "scst"
+    init: str = setting("best", choices=("best", "latest"))  # the cross-entropy checkpoint it starts from
+    epochs: int = setting(10, 1, 10_000)
+    lr: float = setting(5e-5, above=0.0, hi=1.0)   # constant; Adam starts afresh
+    batch_size: int = setting(16, 1, 8192)         # images per step (each with `samples` captions)
+    samples: int = setting(5, 1, 100)              # captions sampled per image
+    baseline: str = setting("mean", choices=("greedy", "mean"))  # greedy caption (Rennie) | mean of the
+    #                                                image's other samples (Luo 2020)
+    bleu4: float = setting(0.0, 0.0, 100.0)        # reward = CIDEr-D + bleu4 * BLEU-4; 0 = CIDEr-D only
+    patience: int = setting(3, 0, 10_000)          # early stop after this many epochs without a better
+    #                                                beam-search val CIDEr; 0 = no early stopping
+    max_minutes: float = setting(0.0, 0.0)         # stop after the epoch crossing this budget; 0 = none
+
+    def relations(self) -> Iterator[tuple[str, bool, str]]:
+        yield "samples", self.baseline != "mean" or self.samples >= 2, ">= 2 with scst.baseline \"mean\""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    scst: ScstConfig = field(default_factory=ScstConfig)
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(RunConfig)  # section name -> its dataclass

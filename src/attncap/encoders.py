@@ -157,6 +157,44 @@ class _ImageNetNormalised(Encoder):
         return self.backbone(x.contiguous(memory_format=torch.channels_last))
 
 
+class _SgrvinodTrunk(nn.Module):
+    """sgrvinod's ``Encoder``: a torchvision ResNet without its last two children, then
+    ``AdaptiveAvgPool2d(14)``: (B, 3, 256, 256) -> (B, 2048, 14, 14). ``blocks`` per stage:
+    (3, 4, 23, 3) is ResNet-101; the importer reads them from the checkpoint's weights."""
+
+    def __init__(self, blocks: tuple[int, ...]):
+        super().__init__()
+        from torchvision.models.resnet import Bottleneck, ResNet
+
+        self.resnet = nn.Sequential(*list(ResNet(Bottleneck, list(blocks)).children())[:-2])
+        self.adaptive_pool = nn.AdaptiveAvgPool2d(14)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adaptive_pool(self.resnet(x))
+
+
+class _SgrvinodEncoder(_ImageNetNormalised):
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """Bilinear resize to 256x256, as its ``caption.py`` does (``imresize``)."""
+        if image.size != (256, 256):
+            image = image.resize((256, 256), Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (3, 256, 256)
+
+
+def resnet101_sgrvinod(pretrained: bool = True, allow_download: bool = True,
+                       blocks: tuple[int, ...] = (3, 4, 23, 3)) -> Encoder:
+    """sgrvinod's fine-tuned ResNet-101 at 256 px: 14x14x2048, ImageNet mean/std.
+
+    It has no weights of its own: they come from a model folder that ``attncap import sgrvinod``
+    wrote (its ``encoder.safetensors``).
+    """
+    if pretrained:
+        raise AttncapError("encoder resnet101_sgrvinod has no weights of its own: use a model folder "
+                           "written by `attncap import sgrvinod` (its encoder.safetensors)")
+    spec = EncoderSpec("resnet101_sgrvinod", 256, 14, 2048, trainable=False)
+    return _SgrvinodEncoder(spec, _SgrvinodTrunk(tuple(blocks)))
+
+
 class _EfficientNetTrunk(nn.Module):
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -249,6 +287,7 @@ ENCODERS: dict[str, Callable[..., Encoder]] = {
     "efficientnet_lite0": efficientnet_lite0,
     "resnet101": resnet101,
     "small_cnn": small_cnn,
+    "resnet101_sgrvinod": resnet101_sgrvinod,
 }
 
 
@@ -265,17 +304,20 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
 
 
 def build_encoder(name: str, pretrained: bool = True, colour_stats: bool = False,
-                  allow_download: bool = True, precision: str = "fp32", device: str = "cpu") -> Encoder:
+                  allow_download: bool = True, precision: str = "fp32", device: str = "cpu",
+                  blocks: tuple[int, ...] | None = None) -> Encoder:
     """Build an encoder by name (see :data:`ENCODERS`); frozen ones in eval mode, channels-last.
 
     Random (``pretrained=False``) weights are seeded, so the same encoder can be rebuilt to
-    caption new images consistently with its feature store.
+    caption new images consistently with its feature store. ``blocks``: the ResNet stage depths of
+    an imported ``resnet101_sgrvinod`` (from its model folder's config).
     """
     if name not in ENCODERS:
         raise AttncapError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        encoder = ENCODERS[name](pretrained=pretrained, allow_download=allow_download)
+        encoder = ENCODERS[name](pretrained=pretrained, allow_download=allow_download,
+                                 **({"blocks": tuple(blocks)} if blocks else {}))
     if colour_stats:
         encoder = ColourStats(encoder)
     if not encoder.spec.trainable:

@@ -160,7 +160,7 @@ def _score_and_write(run_dir: Path, cfg, data: CaptionSplit, split: str, runs: d
                     "attention": np.round(d["attention"], 4).tolist(), **notes[i]} for i, d in decoded.items()},
                     indent=None)
                 write_json(out / "scores.json", summary)
-                write_report(run_dir, summary, decoded, data.records, samples, k)
+                write_report(run_dir, summary, decoded, data.records, samples, k, notes)
     with atomic_path(out / f"table_{split}.md") as tmp:
         tmp.write_text(format_table(results, split, len(data)), encoding="utf-8")
     return results
@@ -186,8 +186,12 @@ def format_table(results: dict[int, dict[str, float]], split: str, images: int) 
 
 
 def write_report(run_dir: Path, scores: dict, decoded: dict, records: list[dict], samples: int,
-                 beam_size: int) -> Path:
-    """Loss curves, attention figures/GIFs for the first ``samples`` images, and index.html."""
+                 beam_size: int, notes: dict[int, dict] | None = None) -> Path:
+    """Loss curves, attention figures/GIFs for the first ``samples`` images, and index.html.
+
+    notes: {image id: {"hallucinated": [phrases], "grounded": [{"token", "boxes"}]}} from
+    :func:`score_split`: hallucinated words are marked in the caption, grounded words' boxes drawn.
+    """
     folder = run_dir / "eval" / "report"
     folder.mkdir(parents=True, exist_ok=True)
     figures = {}
@@ -203,10 +207,24 @@ def write_report(run_dir: Path, scores: dict, decoded: dict, records: list[dict]
         with atomic_path(folder / f"{name}.jpg") as tmp:
             image.save(tmp, format="JPEG", quality=92)
         card = {"image": f"{name}.jpg", "caption": d["caption"], "references": rec["captions"]}
+        note = (notes or {}).get(rec["id"], {})
+        if "hallucinated" in note:
+            card["hallucinated"] = _hallucinated_words(d["words"], note["hallucinated"])
+        boxes = {g["token"]: g["boxes"] for g in note.get("grounded", ()) if g["token"] < len(d["words"])}
         if d["words"]:
-            report.attention_figure(image, d["words"], d["attention"], folder / f"{name}_attention.png")
-            report.attention_gif(image, d["words"], d["attention"], folder / f"{name}.gif")
+            report.attention_figure(image, d["words"], d["attention"], folder / f"{name}_attention.png",
+                                    boxes=boxes)
+            report.attention_gif(image, d["words"], d["attention"], folder / f"{name}.gif", boxes=boxes)
             card.update(figure=f"{name}_attention.png", gif=f"{name}.gif")
         cards.append(card)
     notes = [f"Captions decoded with beam size {beam_size}; scores on {len(decoded)} images."]
     return report.write_html_report(folder, "attncap evaluation", scores, cards, figures, notes)
+
+
+def _hallucinated_words(words: list[str], phrases: list[str]) -> list[int]:
+    """Indices of the words naming a hallucinated object: every phrase of the categories that
+    CHAIR found absent (its notes list each category's first phrase only)."""
+    found = chair.named_objects(list(words))
+    absent = {category for _, phrase, category in found if phrase in set(phrases)}
+    return [j for index, phrase, category in found if category in absent
+            for j in range(index - len(phrase.split()) + 1, index + 1)]

@@ -136,7 +136,9 @@ class _EncodeGraph(nn.Module):
     def forward(self, features: torch.Tensor):
         memory = self.model.encode(features)
         state = self.model.init_state(memory)
-        return memory.regions, memory.keys, state.h, state.c
+        # Unprojected regions (model.project_regions false) are the input itself, and an output
+        # that is an input would lose one of the names.
+        return memory.regions.clone(), memory.keys, state.h, state.c
 
 
 class _StepGraph(nn.Module):

@@ -7,6 +7,11 @@ Two variants share one file and one step:
 * the paper's (Show, Attend and Tell): an LSTM whose initial state comes from the mean region,
   a gating scalar ``beta`` on the context, dropout, and doubly stochastic attention (``alpha_c``).
 
+sgrvinod's tutorial model (``attncap import sgrvinod``) is the paper's with four options:
+unprojected regions (``project_regions=False``, P = D), scores ``w . relu(W_k a + W_q h)``
+(``attention_score="relu"``), a sigmoid gate per context channel (``gate_vector``), one output
+layer ``fc(dropout(h))`` (``output_layers=1``) and a linear initial state (``init_activation="none"``).
+
 Shapes: B batch, R regions, D encoder dim, P projected dim, A attention dim, H hidden, E embedding,
 V vocabulary, T caption steps, G gates per cell (3 for GRU, 4 for LSTM).
 """
@@ -90,6 +95,23 @@ class BahdanauAttention(nn.Module):
         return context, alpha
 
 
+class ReluAttention(BahdanauAttention):
+    """score_r = v . relu(W_k region_r + query), as in sgrvinod's tutorial; memory keys hold
+    ``W_k region + b``. (The score layer's bias, which that model has, cancels in the softmax.)"""
+
+    def keys(self, regions: torch.Tensor) -> torch.Tensor:
+        return self.key(regions)                                     # (B, R, A)
+
+    def forward(self, memory: Memory, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        energy = (memory.keys + query.unsqueeze(1)).relu_()          # (B, R, A)
+        alpha = F.softmax(self.score(energy).squeeze(-1), dim=-1)    # (B, R)
+        context = torch.bmm(alpha.unsqueeze(1), memory.regions).squeeze(1)  # (B, P)
+        return context, alpha
+
+
+ATTENTIONS = {"tanh": BahdanauAttention, "relu": ReluAttention}
+
+
 def grid_positions(regions: int, device: torch.device | None = None) -> torch.Tensor:
     """(x, y) in [-1, 1] of each cell of a square grid, row by row: (R, 2)."""
     g = math.isqrt(regions)
@@ -113,49 +135,52 @@ class Captioner(nn.Module):
         if cfg.decoder not in DECODERS:
             raise AttncapError(f"model.decoder must be one of {', '.join(DECODERS)}, got {cfg.decoder!r}")
         self.cfg, self.vocab_size, self.feature_dim = cfg, vocab_size, feature_dim
-        P, H, A, G = cfg.proj_dim, cfg.hidden_dim, cfg.attention_dim, DECODERS[cfg.decoder] * cfg.hidden_dim
+        P = cfg.proj_dim if cfg.project_regions else feature_dim  # the regions the decoder reads
+        H, A, G = cfg.hidden_dim, cfg.attention_dim, DECODERS[cfg.decoder] * cfg.hidden_dim
         self.encoder = encoder  # trainable CNN over pixels, or None for cached features
-        self.project = nn.Linear(feature_dim, P)
+        self.project = nn.Linear(feature_dim, P) if cfg.project_regions else None
         # Where each region is: its grid cell's (x, y) in [-1, 1], projected like the features.
         # The context vector alone says what the decoder looks at, not where it is.
         self.position = nn.Linear(2, P, bias=False) if cfg.region_positions else None
         self.embed = nn.Embedding(vocab_size, cfg.embed_dim, padding_idx=0)
-        self.attention = BahdanauAttention(P, A)
+        self.attention = ATTENTIONS[cfg.attention_score](P, A)
         # The cell's input is [embedding; context]; its weight is split in two so that the
         # embedding half can be applied to every step of a batch in one matmul.
         self.word_gates = nn.Linear(cfg.embed_dim, G)
         self.context_gates = nn.Linear(P, G, bias=False)
         # Everything computed from the previous hidden state shares one matmul, in this order:
-        # the attention query (A), the recurrent gates (G) and the gating scalar beta (1, paper).
-        self.hidden_split = [A, G] + ([1] if cfg.gate else [])
+        # the attention query (A), the recurrent gates (G) and the gate: scalar beta (1, paper)
+        # or one per context channel (P, sgrvinod's f_beta).
+        self.hidden_split = [A, G] + ([P if cfg.gate_vector else 1] if cfg.gate else [])
         self.hidden = nn.Linear(H, sum(self.hidden_split))
         self.init_h = nn.Linear(P, H) if cfg.init_from_features else None
         self.init_c = nn.Linear(P, H) if cfg.init_from_features and cfg.decoder == "lstm" else None
         self.dropout = nn.Dropout(cfg.dropout)
-        self.fc1 = nn.Linear(H, cfg.fc_dim)
-        self.fc2 = nn.Linear(cfg.fc_dim, vocab_size)
+        self.fc1 = nn.Linear(H, cfg.fc_dim) if cfg.output_layers == 2 else None
+        self.fc2 = nn.Linear(cfg.fc_dim if self.fc1 is not None else H, vocab_size)
 
     # -- pieces shared by training and decoding -------------------------------------------
     def encode(self, features: torch.Tensor) -> Memory:
         """Encoder features (B, R, D) (or pixels (B, 3, S, S) with a trainable encoder) -> Memory."""
         if self.encoder is not None:
             features = self.encoder(features)                       # (B, R, D)
-        regions = self.project(features.float())                    # (B, R, P)
-        if self.position is not None:
-            regions = regions + self.position(grid_positions(regions.shape[1], regions.device))
-        regions = F.relu(regions)
+        regions = features.float()                                  # (B, R, D): P = D unprojected
+        if self.project is not None:
+            regions = self.project(regions)                         # (B, R, P)
+            if self.position is not None:
+                regions = regions + self.position(grid_positions(regions.shape[1], regions.device))
+            regions = F.relu(regions)
         return Memory(regions, self.attention.keys(regions))        # keys (B, R, A)
 
     def init_state(self, memory: Memory) -> State:
         B, H = memory.regions.shape[0], self.cfg.hidden_dim
         zeros = memory.regions.new_zeros(B, H)
         if self.init_h is None:  # the seed: zero state
-            h = zeros
-        else:
-            h = torch.tanh(self.init_h(memory.regions.mean(1)))     # (B, H)
-        c = zeros[:, :0]
-        if self.cfg.decoder == "lstm":
-            c = torch.tanh(self.init_c(memory.regions.mean(1))) if self.init_c is not None else zeros
+            return State(zeros, zeros if self.cfg.decoder == "lstm" else zeros[:, :0])
+        mean = memory.regions.mean(1)                               # (B, P)
+        act = torch.tanh if self.cfg.init_activation == "tanh" else (lambda x: x)
+        h = act(self.init_h(mean))                                  # (B, H)
+        c = act(self.init_c(mean)) if self.init_c is not None else zeros[:, :0]
         return State(h, c)
 
     def cell(self, memory: Memory, state: State, word_gates: torch.Tensor
@@ -164,7 +189,7 @@ class Captioner(nn.Module):
         query, gh, *beta = self.hidden(state.h).split(self.hidden_split, 1)  # (B, A), (B, G)
         context, alpha = self.attention(memory, query)               # (B, P), (B, R)
         if beta:
-            context = torch.sigmoid(beta[0]) * context               # gating scalar beta
+            context = torch.sigmoid(beta[0]) * context               # gate: (B, 1) or (B, P)
         gi = word_gates + self.context_gates(context)                # (B, G)
         if self.cfg.decoder == "gru":  # same equations and gate order as torch.nn.GRUCell
             i_r, i_z, i_n = gi.chunk(3, 1)
@@ -178,7 +203,8 @@ class Captioner(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., H) -> vocabulary scores (..., V)."""
-        return self.fc2(self.fc1(self.dropout(h)))
+        h = self.dropout(h)
+        return self.fc2(self.fc1(h) if self.fc1 is not None else h)
 
     def step(self, memory: Memory, state: State, words: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, State]:
@@ -341,12 +367,13 @@ def count_flops(model: Captioner, regions: int, images: int, tokens: int, traini
     every product but the region projection (its input, the cached features, needs none).
     """
     c = model.cfg
-    P, A, H, E, F_, V = c.proj_dim, c.attention_dim, c.hidden_dim, c.embed_dim, c.fc_dim, model.vocab_size
+    P, A, H, E, V = model.context_gates.in_features, c.attention_dim, c.hidden_dim, c.embed_dim, model.vocab_size
     G = DECODERS[c.decoder] * H
-    first = regions * model.feature_dim * P                                # region projection
+    first = regions * model.feature_dim * P if model.project is not None else 0  # region projection
     per_image = regions * P * A + (P * H * (1 + (c.decoder == "lstm")) if c.init_from_features else 0)
+    output = H * c.fc_dim + c.fc_dim * V if model.fc1 is not None else H * V
     per_token = (H * A + regions * A + regions * P                        # query, scores, context
-                 + (E + P + H) * G + H * F_ + F_ * V + (H if c.gate else 0))
+                 + (E + P + H) * G + output + H * (model.hidden_split[2:] or [0])[0])
     forward = images * (first + per_image) + tokens * per_token
     if not training:
         return 2 * forward

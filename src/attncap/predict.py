@@ -144,7 +144,8 @@ def _frozen_encoder(folder: Path, info: dict, device: torch.device) -> Encoder:
     shipped = weights.is_file()
     encoder = build_encoder(info["name"], pretrained=info["pretrained"] and not shipped,
                             colour_stats=info.get("colour_stats", False), allow_download=not shipped,
-                            precision=info.get("precision", "fp32"), device=device.type)
+                            precision=info.get("precision", "fp32"), device=device.type,
+                            blocks=info.get("blocks"))
     if shipped:
         try:
             encoder.load_state_dict(load_file(str(weights), device=device.type))

@@ -17,6 +17,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
@@ -102,14 +103,44 @@ def _mpl_text(text: str) -> str:
     return text.replace("$", r"\$")
 
 
+_BOX_COLOUR = "#00e5ff"  # cyan: visible over the inferno overlay's blacks, reds and yellows
+
+
+def _display_boxes(boxes, n_words: int, original: tuple[int, int], shown: tuple[int, int]
+                   ) -> dict[int, list[tuple[float, float, float, float]]]:
+    """{word index: [(x, y, w, h)]} scaled from the original image's pixels to the display copy's.
+
+    boxes: None, or {word index: [[x, y, w, h], ...]} in the original image's pixels (COCO's bbox).
+    """
+    if not boxes:
+        return {}
+    sx, sy = shown[0] / original[0], shown[1] / original[1]
+    out = {}
+    for index, word_boxes in boxes.items():
+        if not 0 <= int(index) < n_words:
+            raise ValueError(f"boxes given for word {index}, but the caption has {n_words} words")
+        out[int(index)] = [(x * sx, y * sy, w * sx, h * sy) for x, y, w, h in word_boxes]
+    return out
+
+
 def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray, out_path,
-                     cols: int = 5) -> Path:
+                     cols: int = 5, boxes: dict[int, list] | None = None) -> Path:
     """One PNG: the image titled with the caption, then one attention overlay per word.
 
-    alphas: (n_words, gh, gw). Returns the written path.
+    alphas: (n_words, gh, gw). boxes: {word index: [[x, y, w, h], ...]} in the original image's
+    pixels, outlined over that word's overlay (the objects a grounded word names). Returns the path.
     """
+    fig = _figure(image, words, alphas, cols, boxes)
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_path)
+
+
+def _figure(image: Image.Image, words: list[str], alphas: np.ndarray, cols: int, boxes) -> Figure:
+    """The figure :func:`attention_figure` saves: axes 0 the image, axes 1 + i word i's overlay."""
     alphas = _check_words(words, alphas)
     small = _display_copy(image)
+    shown = _display_boxes(boxes, len(words), image.size, small.size)
     cols = max(1, min(cols, len(words) + 1))
     rows = math.ceil((len(words) + 1) / cols)
     aspect = small.height / small.width
@@ -119,15 +150,15 @@ def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray, o
     caption = "\n".join(textwrap.wrap(" ".join(words), 34)[:3])
     axes[0].imshow(small)
     axes[0].set_title(_mpl_text(caption), fontsize=8)
-    for ax, word, alpha in zip(axes[1:], words, alphas):
+    for i, (ax, word, alpha) in enumerate(zip(axes[1:], words, alphas)):
         ax.imshow(overlay_attention(small, alpha))
         ax.set_title(_mpl_text(word), fontsize=11)
+        for x, y, w, h in shown.get(i, ()):  # imshow puts pixel edges at -0.5
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor=_BOX_COLOUR, linewidth=1.5))
     for ax in axes:
         ax.axis("off")
     fig.tight_layout(pad=0.4)
-    with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, format="png")
-    return Path(out_path)
+    return fig
 
 
 # --- animated GIF ---------------------------------------------------------------------------
@@ -165,18 +196,25 @@ def _gif_frame(overlay: Image.Image, words: list[str], index: int, font, spots, 
 
 
 def attention_gif(image: Image.Image, words: list[str], alphas: np.ndarray, out_path,
-                  ms_per_word: int = 800) -> Path:
+                  ms_per_word: int = 800, boxes: dict[int, list] | None = None) -> Path:
     """An animated GIF, one frame per word: its attention overlay and the caption so far.
 
-    alphas: (n_words, gh, gw). The GIF loops forever. Returns the written path.
+    alphas: (n_words, gh, gw). boxes: as for :func:`attention_figure`, outlined on that word's
+    frame. The GIF loops forever. Returns the written path.
     """
     alphas = _check_words(words, alphas)
     small = _display_copy(image)
+    shown = _display_boxes(boxes, len(words), image.size, small.size)
     font = ImageFont.load_default(size=_GIF_FONT_SIZE)
     spots, line_height = _layout_words(words, font, small.width, pad=8)
     band = spots[-1][1] + line_height + 10
-    frames = [_gif_frame(overlay_attention(small, alpha), words, i, font, spots, band, line_height)
-              for i, alpha in enumerate(alphas)]
+    frames = []
+    for i, alpha in enumerate(alphas):
+        overlay = overlay_attention(small, alpha)
+        pen = ImageDraw.Draw(overlay)
+        for x, y, w, h in shown.get(i, ()):
+            pen.rectangle((x, y, max(x, x + w - 1), max(y, y + h - 1)), outline=_BOX_COLOUR, width=2)
+        frames.append(_gif_frame(overlay, words, i, font, spots, band, line_height))
     with atomic_path(out_path) as tmp:
         frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
                        duration=int(ms_per_word), loop=0, optimize=False)
@@ -272,7 +310,13 @@ figure{margin:0 0 16px}figure img{max-width:100%;border:1px solid #ddd;backgroun
 .caption{font-size:1.05em;font-weight:600;margin:8px 0}
 .refs{font-size:.9em;color:#555;margin:4px 0 8px;padding-left:18px}
 .small{font-size:.85em;color:#555}img.att{width:100%;margin-top:4px;border:1px solid #eee}
+mark.hallucinated{background:#ffd6d6;color:#a00000;text-decoration:underline wavy #d00000;padding:0 2px}
+.boxkey{display:inline-block;width:1.6em;height:.9em;border:2px solid #00e5ff;vertical-align:middle}
 """
+
+_LEGEND = ('<p class="small legend"><mark class="hallucinated">word</mark> names an object the image does '
+           'not hold (CHAIR: not in its instance annotations nor its references); <span class="boxkey">'
+           '</span> in the attention pictures: the annotated boxes of the object a word names.</p>')
 
 
 def _href(link, what: str) -> str:
@@ -304,7 +348,7 @@ def _sample_card(sample: dict) -> str:
     parts = []
     if picture:
         parts.append(f'<img src="{_href(picture, "sample image")}" alt="{caption}" loading="lazy">')
-    parts.append(f'<p class="caption">{caption}</p>')
+    parts.append(f'<p class="caption">{_marked_caption(str(sample.get("caption", "")), sample)}</p>')
     refs = "".join(f"<li>{html.escape(str(ref))}</li>" for ref in sample.get("references") or [])
     if refs:
         parts.append(f'<div class="small">references</div><ol class="refs">{refs}</ol>')
@@ -319,12 +363,24 @@ def _sample_card(sample: dict) -> str:
     return '<div class="card">' + "".join(parts) + "</div>"
 
 
+def _marked_caption(caption: str, sample: dict) -> str:
+    """The caption HTML-escaped, its words at ``sample["hallucinated"]`` (indices into
+    ``caption.split()``) in ``<mark class="hallucinated">``."""
+    marked = set(sample.get("hallucinated") or ())
+    if not marked:
+        return html.escape(caption)
+    return " ".join(f'<mark class="hallucinated" title="not in the image">{html.escape(w)}</mark>'
+                    if i in marked else html.escape(w) for i, w in enumerate(caption.split()))
+
+
 def write_html_report(out_dir, title: str, scores: dict[str, float], samples: list[dict],
                       figures: dict[str, str] | None = None, notes: list[str] | None = None) -> Path:
     """Write ``out_dir/index.html``: one self-contained page (inline CSS, no scripts, relative links).
 
     scores: {metric: value}, shown to 3 decimals. figures: {heading: path relative to out_dir}.
-    samples: dicts with "image", "caption", "references" and optionally "figure", "gif", "scores".
+    samples: dicts with "image", "caption", "references" and optionally "figure", "gif", "scores" and
+    "hallucinated" (indices of the caption's space-separated words that CHAIR counts as hallucinated;
+    the key's presence adds the legend).
     All text is HTML-escaped. Returns the path of index.html.
     """
     body = [f"<h1>{html.escape(title)}</h1>"]
@@ -336,7 +392,8 @@ def write_html_report(out_dir, title: str, scores: dict[str, float], samples: li
         body.append(f"<h2>{html.escape(str(heading))}</h2><figure><img src=\"{_href(path, 'figure')}\" "
                     f"alt=\"{html.escape(str(heading))}\"></figure>")
     if samples:
-        body += [f"<h2>Samples ({len(samples)})</h2>",
+        legend = [_LEGEND] if any("hallucinated" in s for s in samples) else []
+        body += [f"<h2>Samples ({len(samples)})</h2>", *legend,
                  '<div class="gallery">' + "".join(_sample_card(s) for s in samples) + "</div>"]
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"

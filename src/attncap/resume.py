@@ -31,13 +31,23 @@ class TrainState:
     epoch_loss: float = 0.0        # summed token cross-entropy of those batches (for the epoch's mean)
     epoch_tokens: int = 0          # and their number of tokens
     epoch_penalty: float = 0.0     # summed attention penalty of their captions
-    epoch_captions: int = 0        # and their number of captions
+    epoch_captions: int = 0        # and their number of captions (SCST: of sampled captions)
+    epoch_reward: float = 0.0      # SCST: summed reward of those sampled captions
     best_score: float = -1.0       # best validation CIDEr so far
     best_epoch: int = 0
     stale_epochs: int = 0          # epochs since the best
     seconds: float = 0.0           # training time so far (excluding this process's start-up)
     stopped: str = ""              # why training ended early, if it did
     preempted: str = ""            # the signal that stopped this process ("" if none); never saved
+
+    def record_score(self, score: float) -> bool:
+        """Count one more epoch validated with ``score``; returns whether it is the best so far."""
+        self.epoch += 1
+        if score > self.best_score:
+            self.best_score, self.best_epoch, self.stale_epochs = score, self.epoch, 0
+            return True
+        self.stale_epochs += 1
+        return False
 
 
 class MetricsLog:

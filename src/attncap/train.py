@@ -58,6 +58,7 @@ class Trainer:
     log: MetricsLog | None         # rank 0 only
     progress: bool
     bf16: bool                     # bf16 autocast for the training step (train.precision)
+    names: tuple[str, str] = ("latest", "best")  # its checkpoint folders (SCST: scst_latest, scst_best)
 
 
 def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
@@ -157,9 +158,10 @@ def _penalty(cfg: RunConfig, penalty: float) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def evaluate(model: Captioner, split: CaptionSplit, vocab: Vocab, cfg: RunConfig, device
-             ) -> dict[str, float]:
-    """Validation loss (one fixed caption per image) and greedy-decoding CIDEr over every image."""
+def evaluate(model: Captioner, split: CaptionSplit, vocab: Vocab, cfg: RunConfig, device,
+             beam_size: int = 1) -> dict[str, float]:
+    """Validation loss (one fixed caption per image) and the CIDEr of every image's caption decoded
+    with ``beam_size`` (1 = greedy, cross-entropy training; SCST validates with decode.beam_size)."""
     model.eval()
     total, tokens = 0.0, 0
     for pairs in split.epoch_plan(0, cfg.train.seed, cfg.decode.eval_batch_size, 1):
@@ -168,14 +170,15 @@ def evaluate(model: Captioner, split: CaptionSplit, vocab: Vocab, cfg: RunConfig
         total += float(loss) * int(ntok)
         tokens += int(ntok)
     d = cfg.decode
-    decoded = decode_split(model, split, vocab, 1, d.max_len, 0.0, d.eval_batch_size, device,
+    decoded = decode_split(model, split, vocab, beam_size, d.max_len, d.length_penalty if beam_size > 1
+                           else 0.0, d.eval_batch_size, device,
                            progress=False, **decode_options(d, vocab.unk))
     candidates = {image_id: x["caption"] for image_id, x in decoded.items()}
     refs = references(split.records)
     return {"val_loss": total / max(1, tokens), "val_CIDEr": metrics.cider(refs, candidates)}
 
 
-def _build(cfg: RunConfig, vocab: Vocab, store: FeatureStore, device) -> Captioner:
+def build_model(cfg: RunConfig, vocab: Vocab, store: FeatureStore, device) -> Captioner:
     torch.manual_seed(cfg.train.seed)
     info = store.encoder
     encoder = None
@@ -195,11 +198,7 @@ def train(run_dir: str | Path, cfg: RunConfig, resume: bool = True, progress: bo
     run_dir = Path(run_dir)
     with process_group(device, cfg.train.dist_timeout_minutes) as dist, StopSignals() as stop:
         torch.set_num_threads(cfg.train.threads or threads_per_process(dist.local_world_size))
-        vocab = Vocab.load(run_dir / "data" / "vocab.json")
-        stores = {s: FeatureStore.open(run_dir / "features", s) for s in ("train", "val")}
-        splits = {s: CaptionSplit(stores[s], load_split(run_dir / "data", s)) for s in stores}
-        if len(splits["train"]) == 0 or len(splits["val"]) == 0:
-            raise AttncapError(f"{run_dir}: the train or val split has no image with features")
+        vocab, stores, splits = open_splits(run_dir)
         t = _trainer(run_dir, cfg, vocab, stores["train"], splits["train"], resume, progress, dist, stop)
         try:
             _run_epochs(t, splits, vocab, run_dir, stores["train"].encoder)
@@ -209,10 +208,20 @@ def train(run_dir: str | Path, cfg: RunConfig, resume: bool = True, progress: bo
         return t.state
 
 
+def open_splits(run_dir: Path) -> tuple[Vocab, dict[str, FeatureStore], dict[str, CaptionSplit]]:
+    """The run's vocabulary, and its train and val feature stores and caption splits."""
+    vocab = Vocab.load(run_dir / "data" / "vocab.json")
+    stores = {s: FeatureStore.open(run_dir / "features", s) for s in ("train", "val")}
+    splits = {s: CaptionSplit(stores[s], load_split(run_dir / "data", s)) for s in stores}
+    if len(splits["train"]) == 0 or len(splits["val"]) == 0:
+        raise AttncapError(f"{run_dir}: the train or val split has no image with features")
+    return vocab, stores, splits
+
+
 def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, train_split, resume: bool,
              progress: bool, dist: Dist, stop: StopSignals) -> Trainer:
     """Model, optimizer and schedule, restored from ``checkpoints/latest`` when resuming."""
-    model = _build(cfg, vocab, store, dist.device)
+    model = build_model(cfg, vocab, store, dist.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     per_epoch = len(train_split.epoch_plan(0, cfg.train.seed, cfg.train.batch_size,
                                            cfg.train.captions_per_image))
@@ -230,7 +239,7 @@ def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, t
                   "train/metrics.jsonl starts over", flush=True)
     if dist.is_main:  # only now: a refused resume leaves the run's config as it was
         write_json(run_dir / "config.json", config_lib.to_dict(cfg))
-    bf16 = _bf16(cfg.train.precision, dist.device)
+    bf16 = bf16_enabled(cfg.train.precision, dist.device)
     if dist.is_main:
         where = f"; resuming epoch {state.epoch + 1} after batch {state.batch_in_epoch}" if state.step else ""
         print(f"training: {dist.world_size} process(es) ({dist.backend or 'no process group'}, "
@@ -241,7 +250,7 @@ def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, t
     return Trainer(cfg, model, dist.wrap(model), optimizer, scheduler, state, dist, stop, log, progress, bf16)
 
 
-def _bf16(precision: str, device: torch.device) -> bool:
+def bf16_enabled(precision: str, device: torch.device) -> bool:
     """train.precision: "auto" is bf16 autocast on a GPU that supports it, float32 elsewhere."""
     if precision not in ("auto", "bf16", "fp32"):
         raise AttncapError(f"train.precision must be auto, bf16 or fp32, got {precision!r}")
@@ -262,10 +271,10 @@ def _run_epochs(t: Trainer, splits: dict[str, CaptionSplit], vocab: Vocab, run_d
                                           cfg.train.captions_per_image)
         losses = train_one_epoch(t, splits["train"], plan)
         if losses is None:
-            _stop_for_signal(t, run_dir, vocab, encoder_info, started)
+            stop_for_signal(t, run_dir, vocab, encoder_info, started)
             return
         improved = _end_epoch(t, splits["val"], vocab, losses, started)
-        _checkpoint(t, run_dir, vocab, encoder_info, improved)
+        write_checkpoints(t, run_dir, vocab, encoder_info, improved)
 
 
 def _end_epoch(t: Trainer, val_split: CaptionSplit, vocab: Vocab, losses: tuple[float, float],
@@ -279,13 +288,8 @@ def _end_epoch(t: Trainer, val_split: CaptionSplit, vocab: Vocab, losses: tuple[
     (train_loss, penalty), sample_prob = losses, sample_probability(cfg.train, s.epoch)
     if t.dist.is_main:
         scores = evaluate(t.model, val_split, vocab, cfg, t.dist.device)
-        s.epoch += 1
+        improved = s.record_score(scores["val_CIDEr"])
         s.seconds += time.time() - started
-        improved = scores["val_CIDEr"] > s.best_score
-        if improved:
-            s.best_score, s.best_epoch, s.stale_epochs = scores["val_CIDEr"], s.epoch, 0
-        else:
-            s.stale_epochs += 1
         s.stopped = _stop_reason(cfg, s) if s.epoch < cfg.train.epochs else ""
         t.log.write({"epoch": s.epoch, "step": s.step, "train_loss": round(train_loss, 5),
                      **_penalty(cfg, penalty), **({"ss_prob": sample_prob} if cfg.train.ss_start else {}),
@@ -298,11 +302,11 @@ def _end_epoch(t: Trainer, val_split: CaptionSplit, vocab: Vocab, losses: tuple[
     return improved
 
 
-def _stop_for_signal(t: Trainer, run_dir: Path, vocab: Vocab, encoder_info: dict, started: float) -> None:
+def stop_for_signal(t: Trainer, run_dir: Path, vocab: Vocab, encoder_info: dict, started: float) -> None:
     """A rank got SIGTERM/SIGUSR1: checkpoint the exact position, then let the process exit."""
     s = t.state
     s.seconds += time.time() - started
-    _checkpoint(t, run_dir, vocab, encoder_info, improved=False)
+    write_checkpoints(t, run_dir, vocab, encoder_info, improved=False)
     s.preempted = t.stop.received or "a signal to another rank"
     s.stopped = (f"{s.preempted} after step {s.step} (batch {s.batch_in_epoch} of epoch {s.epoch + 1}); "
                  "checkpoint written, run the same command to resume")
@@ -319,15 +323,15 @@ def _stop_reason(cfg: RunConfig, state: TrainState) -> str:
     return ""
 
 
-def _checkpoint(t: Trainer, run_dir: Path, vocab: Vocab, encoder_info: dict, improved: bool) -> None:
+def write_checkpoints(t: Trainer, run_dir: Path, vocab: Vocab, encoder_info: dict, improved: bool) -> None:
     """Rank 0 writes ``latest`` (and ``best``) with every rank's RNG state; the others wait for it."""
     rng = t.dist.gather(rng_state(t.dist.device))
     if t.dist.is_main:
         state = {k: v for k, v in dataclasses.asdict(t.state).items() if k != "preempted"}
         saved = {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
                  "rng": rng, "train_state": json.dumps(state)}
-        folder = run_dir / "checkpoints"
+        folder, (latest, best) = run_dir / "checkpoints", t.names
         if improved:  # before latest, the commit: a kill in between replays the epoch, best again
-            save_checkpoint(folder / "best", t.model, vocab, t.cfg, encoder_info)
-        save_checkpoint(folder / "latest", t.model, vocab, t.cfg, encoder_info, saved)
+            save_checkpoint(folder / best, t.model, vocab, t.cfg, encoder_info)
+        save_checkpoint(folder / latest, t.model, vocab, t.cfg, encoder_info, saved)
     t.dist.barrier()

@@ -6,6 +6,7 @@ Layout under the root folder (``attncap data coco2014 --root ROOT``)::
     train2014/  val2014/                 the images, as the archives name them
     annotations/captions_{train,val}2014.json, instances_{train,val}2014.json (object boxes)
     karpathy/dataset_coco.json           Karpathy's split (train 113,287 with restval / val 5k / test 5k)
+    karpathy/dataset_flickr{8k,30k}.json  his Flickr8k and Flickr30k splits (the images: see README.md)
 
 A download streams to ``NAME.part``, resumes with HTTP ``Range`` after a dropped connection or a
 kill, and gets its final name once verified and fsynced. Extraction keeps what ``FOLDER`` already
@@ -73,7 +74,7 @@ ANNOTATIONS2014 = Archive(
 KARPATHY = Archive(
     "caption_datasets.zip", "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip",
     "karpathy", 36_745_453, "4cfd70132527b80933105e5829dc9034eaab9573482e2e680abbab6130244817",
-    members=("dataset_coco.json",))
+    members=("dataset_coco.json", "dataset_flickr8k.json", "dataset_flickr30k.json"))
 COCO2014 = (ANNOTATIONS2014, KARPATHY, VAL2014, TRAIN2014)
 
 
@@ -357,6 +358,11 @@ def _adopt(archive: Archive, folder: Path) -> bool:
     return True
 
 
+def _lacks_named_member(archive: Archive, folder: Path) -> bool:
+    """Whether a member named literally (not a glob) in ``archive.members`` is missing from ``folder``."""
+    return any(not (folder / name).is_file() for name in archive.members if not set(name) & set("*?["))
+
+
 def fetch(archive: Archive, root: str | Path, mirror: str | None = None, checksums: bool = True,
           progress: bool = True, **download_args) -> Path:
     """Download and extract one archive under ``root`` (reusing what is complete); returns its folder.
@@ -366,6 +372,8 @@ def fetch(archive: Archive, root: str | Path, mirror: str | None = None, checksu
     """
     root = Path(root)
     folder = root / archive.folder
+    if is_complete(folder) and _lacks_named_member(archive, folder):
+        (folder / MARKER).unlink()  # marked by an attncap that extracted fewer members: extract the rest
     if is_complete(folder) or (checksums and _adopt(archive, folder)):
         return folder
     zip_path = root / "downloads" / archive.name
