@@ -9,7 +9,6 @@ against a plain re-implementation of that repository's decoding equations on tho
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import types
@@ -167,7 +166,7 @@ def photo(seed: int) -> Image.Image:
 def test_greedy_words_and_every_attention_equal_its_equations(published, imported, fmt):
     _, _, decoder = published
     cap = attncap.load(imported[fmt], device="cpu")
-    wm, order = word_map(), None
+    wm = word_map()
     features = torch.rand(3, 196, D, generator=torch.Generator().manual_seed(1)) * 2  # (B, R, D)
     got = greedy(cap.model, features, cap.vocab.start, cap.vocab.end, 12,
                  **options(cap.cfg.decode, cap.vocab.unk))
@@ -275,7 +274,8 @@ def test_caption_export_onnx_and_serve_use_the_imported_folder(published, import
     np.testing.assert_allclose(alpha, ref_alpha.numpy(), atol=1e-5)
 
     assert main(["export", str(model_dir), "--format", "folder", "--out", str(tmp_path / "folder")]) == 0
-    assert attncap.load(tmp_path / "folder", device="cpu").caption(image_path, beam_size=1)[0][0].caption == expected
+    again = attncap.load(tmp_path / "folder", device="cpu")
+    assert again.caption(image_path, beam_size=1)[0][0].caption == expected
 
     with background_server(create_app(cap, ServeLimits(max_wait_ms=5))) as url:
         r = httpx.post(f"{url}/caption", params={"beam_size": 1}, content=image_path.read_bytes(),

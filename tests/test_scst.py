@@ -98,3 +98,25 @@ def test_baselines():
         advantages(rewards[:, :1], "mean")
     with pytest.raises(AttncapError, match="one of greedy, mean"):
         advantages(rewards, "max")
+
+
+def test_shared_noise_makes_samples_independent_of_how_the_batch_is_split():
+    """Two processes' shares of a batch, sampled with SharedNoise, are the whole batch's samples."""
+    from attncap.decoding import SharedNoise
+
+    model, feats = model_and_feats(seed=2, batch=5)
+    noise = lambda first: SharedNoise(torch.Generator().manual_seed(9), first, 5 * 4)
+    whole = sample_n(model, feats, START, END, n=4, max_len=8, noise=noise(0))
+    parts = [sample_n(model, feats[:3], START, END, n=4, max_len=8, noise=noise(0)),
+             sample_n(model, feats[3:], START, END, n=4, max_len=8, noise=noise(12))]
+    assert len(set((whole.tokens != 0).sum(1).tolist())) > 1
+    for field in ("tokens", "logp", "entropy"):
+        got = torch.cat([torch.nn.functional.pad(getattr(p, field), (0, whole.tokens.shape[1] - p.tokens.shape[1]))
+                         for p in parts])
+        torch.testing.assert_close(got, getattr(whole, field), atol=1e-6, rtol=0)
+    # the same distribution as multinomial sampling: word frequencies of many first words agree
+    many = feats[:1].expand(4000, -1, -1)
+    a = sample_n(model, many, START, END, 1, 1, noise=SharedNoise(torch.Generator().manual_seed(1), 0, 4000))
+    b = sample_n(model, many, START, END, 1, 1, generator=torch.Generator().manual_seed(1))
+    fa, fb = (torch.bincount(x.tokens[:, 0], minlength=V).float() / 4000 for x in (a, b))
+    assert float((fa - fb).abs().max()) < 0.04, (fa, fb)

@@ -96,7 +96,7 @@ def test_a_stop_mid_epoch_then_resume_equals_an_uninterrupted_scst_run(trained_r
     straight, stopped = copy(trained_run, tmp_path / "straight"), copy(trained_run, tmp_path / "stopped")
     with pytest.raises(AttncapError, match="another model"):  # not the model it starts from
         scst_train(straight, tiny_config(scst=SCST, model={"hidden_dim": 40}), progress=False)
-    cfg = tiny_config(scst=SCST, train=TRAIN)  # sampling draws random numbers: their state must come back
+    cfg = tiny_config(scst=SCST, train=TRAIN)
     scst_train(straight, cfg, progress=False)
     stop_at(monkeypatch, 8)
     state = scst_train(stopped, cfg, progress=False)
@@ -116,3 +116,39 @@ def test_scst_without_a_cross_entropy_checkpoint_is_a_one_line_error(run_copy, c
     assert main(["train", "--scst", "--run", str(run_copy), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train first" in err[0], err
+
+
+def test_two_processes_take_the_one_process_scst_steps(trained_run, tmp_path):
+    """torchrun with 2 gloo processes: uneven shares (24 + 23 images) and a stand-in (a batch of 1),
+    both baselines' pieces on each rank's own samples, the same weights and records as 1 process."""
+    import os
+    import subprocess
+    import sys
+
+    scst = {**SCST, "batch_size": 47}  # 48 images: batches of 47 and 1, 2 epochs, 4 steps
+    one, two = copy(trained_run, tmp_path / "one"), copy(trained_run, tmp_path / "two")
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+            "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1",
+            "-m", "attncap.cli", "--", "train", "--scst", "--run", str(two), "--quiet",
+            *overrides({"scst": scst, "train": TRAIN})]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        scst_train(one, tiny_config(scst=scst, train=TRAIN), progress=False)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert "2 process(es)" in out
+    a, b = weights(one, "scst_latest"), weights(two, "scst_latest")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
+    ra, rb = records(one), records(two)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [1, 2, 2, 3, 4, 4]
+    for x, y in zip(ra, rb):
+        assert x.keys() == y.keys()
+        for k in x.keys() - {"time_s"}:
+            assert abs(x[k] - y[k]) <= 2e-5, (k, x, y)

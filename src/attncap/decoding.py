@@ -169,14 +169,36 @@ class Samples(NamedTuple):
     entropy: torch.Tensor  # (M, L) entropy of that distribution at each step (no gradient), 0 after
 
 
+class SharedNoise(NamedTuple):
+    """Gumbel noise that makes samples independent of how a batch is split between processes.
+
+    Every process draws the same (``total``, V) uniforms from ``generator`` for each word and uses
+    rows ``first`` to ``first + M - 1`` of them (M = its own samples), so a sample's words depend
+    only on its row of the whole batch (data-parallel self-critical training).
+    """
+
+    generator: torch.Generator
+    first: int
+    total: int
+
+
+def _gumbel_max(logp: torch.Tensor, noise: SharedNoise, alive: torch.Tensor) -> torch.Tensor:
+    """A word per row ``alive`` drawn from softmax(logp) as argmax(logp + Gumbel noise). (n, V) -> (n,)"""
+    uniform = torch.rand(noise.total, logp.shape[-1], generator=noise.generator,
+                         device=noise.generator.device)[noise.first + alive.to(noise.generator.device)]
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)))          # (n, V)
+    return (logp.detach().float() + gumbel.to(logp.device)).argmax(-1)  # -inf stays impossible
+
+
 def sample_n(model: Captioner, features: torch.Tensor, start: int, end: int, n: int, max_len: int = 30,
              generator: torch.Generator | None = None, min_len: int = 1, banned: Sequence[int] = (),
-             block_trigrams: bool = False) -> Samples:
+             block_trigrams: bool = False, noise: SharedNoise | None = None) -> Samples:
     """Draw ``n`` captions per image with gradients through their log-probabilities (self-critical
     training). Images are encoded once; all samples run as one batch through :func:`_unroll`,
     finished ones leaving it, and each word is drawn as :func:`sample` draws it (temperature 1,
     the masks of the other decoders renormalised away), so with the same generator the words are
-    :func:`sample`'s on the images repeated ``n`` times.
+    :func:`sample`'s on the images repeated ``n`` times. With ``noise``, words are drawn from the
+    same distribution by :class:`SharedNoise` instead (``generator`` is then unused).
     """
     if n < 1:
         raise AttncapError(f"need at least one sample per image, got {n}")
@@ -184,13 +206,17 @@ def sample_n(model: Captioner, features: torch.Tensor, start: int, end: int, n: 
     memory = model.encode(features).index_select(torch.arange(B, device=dev).repeat_interleave(n))
     M = B * n
     words = torch.full((M,), start, dtype=torch.long, device=dev)
+    alive = torch.arange(M, device=dev)  # the rows still running, as _unroll keeps them
 
     def choose(logp: torch.Tensor) -> torch.Tensor:
+        if noise is not None:
+            return _gumbel_max(logp, noise, alive)
         return torch.multinomial(torch.softmax(logp.detach(), -1), 1, generator=generator).squeeze(1)
 
     tokens, logps, entropies = [], [], []
     for rows, logp, chosen, _ in _unroll(model, memory, model.init_state(memory), words, start, end,
                                          max_len, choose, min_len, banned, block_trigrams):
+        alive = rows[chosen != end]
         norm = torch.log_softmax(logp, -1)                             # (n_t, V) over the allowed words
         tokens.append(words.new_zeros(M).index_copy(0, rows, chosen))
         logps.append(norm.new_zeros(M).index_copy(0, rows, norm.gather(1, chosen[:, None]).squeeze(1)))

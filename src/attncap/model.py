@@ -367,7 +367,8 @@ def count_flops(model: Captioner, regions: int, images: int, tokens: int, traini
     every product but the region projection (its input, the cached features, needs none).
     """
     c = model.cfg
-    P, A, H, E, V = model.context_gates.in_features, c.attention_dim, c.hidden_dim, c.embed_dim, model.vocab_size
+    P = model.context_gates.in_features  # proj_dim, or the feature size with unprojected regions
+    A, H, E, V = c.attention_dim, c.hidden_dim, c.embed_dim, model.vocab_size
     G = DECODERS[c.decoder] * H
     first = regions * model.feature_dim * P if model.project is not None else 0  # region projection
     per_image = regions * P * A + (P * H * (1 + (c.decoder == "lstm")) if c.init_from_features else 0)

@@ -7,14 +7,15 @@ baseline ``scst.baseline`` (:mod:`attncap.scst`). Every epoch is validated with 
 CIDEr (``decode.beam_size``), which also drives early stopping (``scst.patience``).
 
 It reuses the cross-entropy loop's pieces (:mod:`attncap.train`, :mod:`attncap.resume`): the
-:class:`~attncap.train.Trainer`, the same checkpoints with every rank's RNG state (sampling and
-dropout draw from them), stop signals and exact resume; it writes its own checkpoints
+:class:`~attncap.train.Trainer`, the same checkpoints with every rank's RNG state (dropout draws
+from it; sampling from noise seeded by the step), stop signals and exact resume; it writes its own checkpoints
 ``checkpoints/scst_latest`` and ``scst_best`` (the cross-entropy ones stay) and its own log
 ``run_dir/scst/metrics.jsonl`` with TensorBoard scalars in ``run_dir/scst/tb``.
 
-Data-parallel: each rank samples and scores its share of every batch of images; the loss is
-normalised by the global number of sampled tokens and the gradients summed over the ranks, so
-the update is the one-process update of the same samples.
+Data-parallel: each rank samples and scores its share of every batch of images, drawing its words
+from its rows of noise shared by all ranks (:class:`~attncap.decoding.SharedNoise`), so the samples
+are the one-process samples; the loss is normalised by the global number of sampled tokens and
+the gradients summed over the ranks, so the update is the one-process update too.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from . import train as train_lib
 from .checkpoint import load_model
 from .config import RunConfig
 from .dataset import CaptionSplit
-from .decoding import greedy, options as decode_options, sample_n
+from .decoding import SharedNoise, greedy, options as decode_options, sample_n
 from .distributed import Dist, StopSignals, process_group, threads_per_process
 from .errors import AttncapError
 from .features import FeatureStore
@@ -128,7 +129,7 @@ def scst_step(t: Trainer, split: CaptionSplit, vocab: Vocab, reward: Reward, ind
     ids = np.array([split.image_ids[i] for i in local])
     with torch.autocast(dev.type, torch.bfloat16, enabled=t.bf16):
         samples = sample_n(t.model, feats, vocab.start, vocab.end, n, cfg.decode.max_len,
-                           **decode_options(cfg.decode, vocab.unk))                # (B * n, L)
+                           noise=_noise(t, index, n), **decode_options(cfg.decode, vocab.unk))  # (B * n, L)
     rewards = torch.from_numpy(reward(np.repeat(ids, n), samples.tokens.cpu().numpy())).view(-1, n)
     greedy_r = _greedy_rewards(t, feats, vocab, reward, ids) if cfg.scst.baseline == "greedy" else None
     adv = advantages(rewards, cfg.scst.baseline, greedy_r)                         # (B * n,)
@@ -136,7 +137,8 @@ def scst_step(t: Trainer, split: CaptionSplit, vocab: Vocab, reward: Reward, ind
     weight = 1.0 if real else 0.0  # a stand-in share adds nothing
     local_tokens = int(mask.sum()) * weight
     raw = scst_loss(samples, adv.to(dev))                  # mean over this rank's sampled tokens
-    tokens, *sums = t.dist.sum([local_tokens, float(raw.detach()) * local_tokens, float(rewards.sum()) * weight,
+    tokens, *sums = t.dist.sum([local_tokens, float(raw.detach()) * local_tokens,
+                                float(rewards.sum()) * weight,
                                 float((rewards.reshape(-1) - adv).sum()) * weight,
                                 float((samples.entropy * mask).sum()) * weight, len(adv) * weight])
     t.optimizer.zero_grad(set_to_none=True)
@@ -150,6 +152,16 @@ def scst_step(t: Trainer, split: CaptionSplit, vocab: Vocab, reward: Reward, ind
     loss, reward_sum, baseline_sum, entropy_sum, count = sums
     return {"reward": reward_sum / count, "baseline": baseline_sum / count,
             "entropy": entropy_sum / max(tokens, 1.0), "scst_loss": loss / max(tokens, 1.0), "samples": count}
+
+
+def _noise(t: Trainer, index: np.ndarray, n: int) -> SharedNoise:
+    """This step's sampling noise, the same on every rank (seeded by train.seed and the step), and
+    where this rank's rows start in it: samples do not depend on the number of processes."""
+    seed = int(np.random.SeedSequence([t.cfg.train.seed, t.state.step, 12]).generate_state(1)[0])
+    generator = torch.Generator(t.dist.device).manual_seed(seed)
+    shares = np.array_split(index, t.dist.world_size)
+    before = sum(len(share) for share in shares[:t.dist.rank]) if len(shares[t.dist.rank]) else 0  # stand-in
+    return SharedNoise(generator, before * n, len(index) * n)
 
 
 def _sum_gradients(model: torch.nn.Module, dist: Dist) -> None:

@@ -119,11 +119,10 @@ def read_checkpoint(path: str | Path) -> dict:
     except AttncapError:
         raise
     except Exception as exc:  # unpickling raises many types for a file that is not a checkpoint
-        raise AttncapError(f"checkpoint {path} cannot be read as a torch.save file "
-                           f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), StandIn) and
-                                             data[k].path == f"models.{cls}" for k, cls in
-                                             (("encoder", "Encoder"), ("decoder", "DecoderWithAttention"))):
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise AttncapError(f"checkpoint {path} cannot be read as a torch.save file ({reason})") from None
+    expected = {"encoder": "models.Encoder", "decoder": "models.DecoderWithAttention"}
+    if not isinstance(data, dict) or any(getattr(data.get(k), "path", None) != v for k, v in expected.items()):
         raise AttncapError(f"checkpoint {path} is not sgrvinod's: expected a dict with 'encoder' "
                            "(models.Encoder) and 'decoder' (models.DecoderWithAttention)")
     return data
@@ -134,7 +133,8 @@ def module_state(module: StandIn, prefix: str = "") -> dict[str, torch.Tensor]:
     state = module.state if isinstance(getattr(module, "state", None), dict) else {}
     skip = state.get("_non_persistent_buffers_set", set())
     out = {prefix + k: v.detach() for k, v in state.get("_parameters", {}).items() if v is not None}
-    out.update({prefix + k: v for k, v in state.get("_buffers", {}).items() if v is not None and k not in skip})
+    out.update({prefix + k: v for k, v in state.get("_buffers", {}).items()
+                if v is not None and k not in skip})
     for name, child in state.get("_modules", {}).items():
         if isinstance(child, StandIn):
             out.update(module_state(child, f"{prefix}{name}."))
@@ -203,9 +203,10 @@ def resnet_blocks(encoder: dict[str, torch.Tensor]) -> tuple[int, ...]:
     return tuple(counts)
 
 
-def _attr(module: StandIn, name: str, default: Any) -> Any:
-    value = module.state.get(name, default) if isinstance(module.state, dict) else default
-    return value
+def _attr(module: StandIn | None, name: str, default: Any) -> Any:
+    """A plain attribute the pickled object had (``p`` of a Dropout), or ``default``."""
+    state = getattr(module, "state", None)
+    return state.get(name, default) if isinstance(state, dict) else default
 
 
 def import_checkpoint(checkpoint: str | Path, word_map: str | Path, out: str | Path) -> Path:
@@ -217,8 +218,7 @@ def import_checkpoint(checkpoint: str | Path, word_map: str | Path, out: str | P
     data = read_checkpoint(checkpoint)
     vocab, order = vocab_order(read_json(word_map, "word map"))
     decoder = module_state(data["decoder"])
-    dropout_module = _attr(data["decoder"], "_modules", {}).get("dropout")
-    dropout = float(_attr(dropout_module, "p", 0.5)) if isinstance(dropout_module, StandIn) else 0.5
+    dropout = float(_attr(_attr(data["decoder"], "_modules", {}).get("dropout"), "p", 0.5))
     model_cfg, D = model_config(decoder, dropout)
     if (V := decoder["embedding.weight"].shape[0]) != len(vocab):
         raise AttncapError(f"the word map has {len(vocab)} words but the checkpoint's embedding {V}: "
@@ -267,7 +267,7 @@ def _load(module: torch.nn.Module, weights: dict[str, torch.Tensor], what: str) 
 
 def _card(data: dict, cfg: ModelConfig, blocks: tuple[int, ...], vocab_size: int) -> str:
     bleu = data.get("bleu-4")
-    scored = f" Its validation BLEU-4 when saved: {float(bleu):.4f}." if isinstance(bleu, (int, float)) else ""
+    scored = f" Its validation BLEU-4 when saved: {bleu:.4f}." if isinstance(bleu, (int, float)) else ""
     return f"""# attncap captioning model (imported)
 
 sgrvinod's a-PyTorch-Tutorial-to-Image-Captioning model, imported by `attncap import sgrvinod`:
