@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--split", default="test", choices=["train", "val", "test"])
             p.add_argument("--beams", metavar="K,K,...", help="score several settings, e.g. 1,3,5 "
                            "(1 = greedy), each into its own results file (default: decode.beam_size)")
+            p.add_argument("--checkpoint", default="best", choices=["best", "latest", "scst_best", "scst_latest"],
+                           help="which checkpoint of the run to score (default best; SCST: scst_best)")
     _caption_parser(sub)
     _serve_parser(sub)
     _export_parser(sub)
@@ -252,7 +254,7 @@ def cmd_evaluate(args) -> int:
         beams = [int(k) for k in args.beams.split(",")] if args.beams else None
     except ValueError:
         raise AttncapError(f"--beams must be beam sizes separated by commas, e.g. 1,3,5; got {args.beams!r}") from None
-    results = evaluate_beams(args.run, beams, cfg.decode, args.split, progress=not args.quiet)
+    results = evaluate_beams(args.run, beams, cfg.decode, args.split, args.checkpoint, progress=not args.quiet)
     if not is_main_process():  # under torchrun, rank 0 alone prints
         return 0
     if len(results) == 1:
