@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from attncap.checkpoint import load_state
 from attncap.distributed import EXIT_PREEMPTED, Dist, StopSignals, torchrun_env
+from attncap.files import FAULT_AT_ENV, FAULT_LABEL_ENV, FAULT_SIGNAL_ENV
 from attncap.errors import AttncapError
 from attncap.train import train
 from conftest import tiny_config
@@ -46,13 +47,14 @@ def overrides(sections: dict[str, dict]) -> list[str]:
             for a in ("--set", f"{name}.{k}={v}")]
 
 
-def launch(run: Path, nproc: int, sections: dict[str, dict]) -> subprocess.Popen:
+def launch(run: Path, nproc: int, sections: dict[str, dict], env: dict[str, str] | None = None
+           ) -> subprocess.Popen:
     """``attncap train`` on ``run``: one plain process, or torchrun with ``nproc`` workers."""
     args = ["-m", "attncap.cli", "--", "train", "--run", str(run), "--quiet", *overrides(sections)]
     if nproc > 1:
         args = ["-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
                 "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1", *args]
-    return subprocess.Popen([sys.executable, *args], env=ENV, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, *args], env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -70,8 +72,9 @@ def start():
     """``launch`` for one test; what it started is gone when the test ends, passed or failed."""
     procs = []
 
-    def start_(run: Path, nproc: int, sections: dict[str, dict]) -> subprocess.Popen:
-        procs.append(launch(run, nproc, sections))
+    def start_(run: Path, nproc: int, sections: dict[str, dict], env: dict[str, str] | None = None
+               ) -> subprocess.Popen:
+        procs.append(launch(run, nproc, sections, env))
         return procs[-1]
     yield start_
     for proc in procs:
@@ -182,10 +185,11 @@ def stopped_state(run: Path) -> dict:
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run_one_process(prepared_run, tmp_path, start):
     cfg = tiny_config(train=LONG_SS, model=PAPER)
     straight, stopped = copy_run(prepared_run, tmp_path / "straight"), copy_run(prepared_run, tmp_path / "stopped")
-    proc = start(stopped, 1, {"train": LONG_SS, "model": PAPER})
+    # SIGTERM from the process itself right after step 3's log record: mid-epoch however loaded
+    # the machine is (a signal from here could land after the epoch)
+    proc = start(stopped, 1, {"train": LONG_SS, "model": PAPER}, {FAULT_AT_ENV: "3", FAULT_SIGNAL_ENV: "SIGTERM",
+                                                                  FAULT_LABEL_ENV: "append metrics.jsonl"})
     train(straight, cfg, progress=False)
-    wait_for_step(stopped, 3, proc)
-    proc.send_signal(signal.SIGTERM)
     code, out = finish(proc, 60)
     assert code == EXIT_PREEMPTED, out
     state = stopped_state(stopped)

@@ -41,6 +41,8 @@ FAULT_TRACE_ENV = "ATTNCAP_FAULT_TRACE"  # append "label" of every fault point t
 FAULT_RANK_ENV = "ATTNCAP_FAULT_RANK"    # only in the process whose RANK is this (torchrun)
 FAULT_PID_ENV = "ATTNCAP_FAULT_PID"      # only in this process (default: a process no multiprocessing
                                          # parent started, i.e. not a pool or DataLoader worker)
+FAULT_LABEL_ENV = "ATTNCAP_FAULT_LABEL"  # count only the points whose label starts with this
+FAULT_SIGNAL_ENV = "ATTNCAP_FAULT_SIGNAL"  # send this signal (e.g. SIGTERM) instead of SIGKILL
 TMP_TAG = ".attncap-tmp-"                # in the names of files and folders being written
 
 
@@ -53,17 +55,19 @@ class _FaultHook:
         active = main and (rank is None or os.environ.get("RANK", "0") == rank)
         self.kill_at = int(os.environ.get(FAULT_AT_ENV, "0") or 0) if active else 0
         self.trace = os.environ.get(FAULT_TRACE_ENV, "") if active else ""
+        self.label = os.environ.get(FAULT_LABEL_ENV, "")
+        self.signal = getattr(signal, os.environ.get(FAULT_SIGNAL_ENV, "") or "SIGKILL")
         self.pid, self.count = os.getpid(), 0
 
     def hit(self, label: str) -> None:
-        if os.getpid() != self.pid:  # forked after the hook was made: a worker, which never counts
+        if os.getpid() != self.pid or not label.startswith(self.label):  # a worker never counts
             return
         self.count += 1
         if self.trace:
             with open(self.trace, "a", encoding="utf-8") as f:
                 f.write(f"{self.count} {label}\n")
         if self.count == self.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signal)
 
 
 _hook: _FaultHook | None = None  # created on first use, so tests can set the environment first
