@@ -60,7 +60,7 @@ class _FaultHook:
         self.pid, self.count = os.getpid(), 0
 
     def hit(self, label: str) -> None:
-        if os.getpid() != self.pid or not label.startswith(self.label):  # a worker never counts
+        if os.getpid() != self.pid or not label.startswith(self.label):  # a worker, or another label
             return
         self.count += 1
         if self.trace:
