@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	# torchvision from the registry brings the torch it was built for (a local CPU-only torch
 	# wheel elsewhere on the machine would break torchvision's compiled ops).
 	$(BIN)/python -m pip install -q "torchvision>=0.29"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[all,test]"  # every extra: demo and tests use them all
 	$(BIN)/python -c "import torchvision.ops, attncap"
 	rm -f $(VENV)/.installed-*
 	touch $@

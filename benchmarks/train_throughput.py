@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ModelConfig(decoder=args.decoder, init_from_features=paper, gate=paper,
                       dropout=0.5 if paper else 0.0, alpha_c=1.0 if paper else 0.0)
     model = Captioner(cfg, args.vocab, args.feature_dim).to(dev).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as attncap.train
     n = (args.steps + args.warmup) * args.batch
     batches = make_batches(caption_lengths(args.lengths, n, rng), args.batch, args.vocab, rng)
     pool = torch.randn(256, args.regions, args.feature_dim).half()         # the float16 store

@@ -45,3 +45,31 @@ def test_colour_histogram_finds_the_red_quarter():
     torch.testing.assert_close(hist.sum(0), torch.ones(2, 2))
     assert hist[8, 1, 1] == 1.0 and hist[8, 0, 0] == 0.0  # grey cell: all unsaturated
     assert hist[:8, 0, 0].max() == 1.0  # red cell: one hue bin holds every pixel
+
+
+def test_frozen_efficientnet_runs_folded_and_equals_the_package_network():
+    """Batch norm folded into the convolutions (attncap.folding) is the same network: outputs
+    equal the package's own forward pass to float rounding, for pretrained weights, and weights
+    loaded afterwards are folded afresh."""
+    encoder = build_encoder("efficientnet_lite0", pretrained=True)
+    trunk = encoder.backbone
+    pixels = torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8)
+    with torch.inference_mode():
+        folded = encoder(pixels)                                             # (3, 49, 1280)
+        assert len(trunk._folded) == 1                                       # the folded copy ran
+        reference = trunk.net.extract_features(
+            ((pixels.float() / 255.0 - 127.0 / 255.0) / (128.0 / 255.0)).contiguous(
+                memory_format=torch.channels_last))                          # (3, 1280, 7, 7)
+    reference = reference.flatten(2).transpose(1, 2)
+    assert folded.shape == reference.shape == (3, 49, 1280)
+    assert (folded - reference).abs().max() <= 1e-4 * reference.abs().max()
+    assert "_folded" not in "".join(encoder.state_dict())                    # never saved
+
+    random = build_encoder("efficientnet_lite0", pretrained=False)
+    with torch.inference_mode():
+        before = random(pixels)
+        random.load_state_dict(encoder.state_dict())
+        assert not random.backbone._folded                                   # dropped on load
+        after = random(pixels)
+    assert not torch.allclose(before, after)
+    assert torch.equal(after, folded)

@@ -64,8 +64,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"
         raise AttncapError(f"checkpoint {path}: vocab.json has {len(vocab)} words, config says {vocab_size}")
     encoder = None
     if encoder_info.get("trainable"):
+        # pretrained=False: a fine-tuned encoder's weights are in model.safetensors, never downloaded
         encoder = build_encoder(encoder_info["name"], pretrained=False,
-                                colour_stats=encoder_info.get("colour_stats", False))
+                                colour_stats=encoder_info.get("colour_stats", False),
+                                blocks=encoder_info.get("blocks"),
+                                fine_tune_blocks=encoder_info.get("fine_tune", 0))
     model = Captioner(cfg.model, vocab_size, feature_dim, encoder)
     try:
         weights = load_file(str(path / "model.safetensors"))

@@ -167,12 +167,15 @@ def _serve_parser(sub) -> None:
 
 
 def _export_parser(sub) -> None:
-    p = sub.add_parser("export", help="export a model as ONNX graphs or a self-contained folder",
+    p = sub.add_parser("export", help="export a model as ONNX graphs, a self-contained folder or a "
+                       "Hugging Face model repository",
                        description="--format onnx: encode.onnx + step.onnx (one decoder step, dynamic "
                        "batch) with vocab and config; --format folder: safetensors + config + vocab "
-                       "+ README card that attncap.load() reads.")
+                       "+ README card that attncap.load() reads; --format hub: that folder with a Hub "
+                       "model card, training_config.json and the commands (then `hf upload ORG/NAME "
+                       "DIR`; attncap.load('ORG/NAME') reads it).")
     p.add_argument("model", metavar="RUN_DIR", help=MODEL_HELP)
-    p.add_argument("--format", dest="fmt", choices=["onnx", "folder"], default="folder")
+    p.add_argument("--format", dest="fmt", choices=["onnx", "folder", "hub"], default="folder")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default RUN_DIR/export/FORMAT)")
 
 

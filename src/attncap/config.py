@@ -26,6 +26,10 @@ from .errors import AttncapError
 # config never imports torch.
 ENCODER_NAMES = ("inception_v3", "efficientnet_lite0", "resnet101", "small_cnn", "resnet101_sgrvinod")
 DECODER_NAMES = ("gru", "lstm")
+# The blocks encoder.fine_tune counts from the top, per encoder (encoders.trainable_blocks lists
+# them; a test checks they agree). small_cnn has none: it always trains all its layers.
+FINE_TUNE_BLOCKS = {"inception_v3": 12, "efficientnet_lite0": 18, "resnet101": 5, "small_cnn": 0,
+                    "resnet101_sgrvinod": 5}
 PRECISIONS = ("fp32", "bf16", "auto")
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 KINDS = {"int": int, "float": float, "str": str, "bool": bool}  # field annotations are strings here
@@ -140,6 +144,14 @@ class EncoderConfig(Section):
     batch_size: int = setting(32, 1, 4096)  # images per extraction batch
     workers: int = setting(2, 0, 256)       # JPEG decoding processes; 0 = decode in the main process
     threads: int = setting(0, 0, 1024)      # torch threads per process; 0 = cores / processes on this node
+    fine_tune: int = setting(0, 0, max(FINE_TUNE_BLOCKS.values()))  # train the last N blocks with the
+    #                                         decoder (store holds pixels); 0 = frozen features
+
+    def relations(self) -> Iterator[tuple[str, bool, str]]:
+        most = FINE_TUNE_BLOCKS[self.name]
+        yield ("fine_tune", self.fine_tune <= most,
+               f"from 0 to {most} with encoder {self.name} (its blocks; 0 = frozen, {most} = all)" if most
+               else f"0 with encoder {self.name} (it always trains all its layers)")
 
 
 @dataclass(frozen=True)
@@ -179,6 +191,7 @@ class TrainConfig(Section):
     epochs: int = setting(20, 1, 10_000)         # the seed's EPOCHS
     batch_size: int = setting(32, 1, 8192)       # the seed's BATCH_SIZE
     lr: float = setting(1e-3, above=0.0, hi=1.0)
+    encoder_lr: float = setting(1e-4, above=0.0, hi=1.0)  # the fine-tuned encoder blocks' (encoder.fine_tune)
     min_lr_ratio: float = setting(0.05, 0.0, 1.0)  # cosine schedule ends at lr * min_lr_ratio
     warmup_steps: int = setting(100, 0, 10_000_000)  # 0 = no warmup
     weight_decay: float = setting(0.0, 0.0, 1.0)   # Adam's L2 penalty; 0 = none

@@ -2,7 +2,8 @@
 
 Every encoder takes ``(B, 3, S, S)`` uint8 pixels (the store and the data loader move bytes, not
 floats), applies its own normalisation, and returns ``(B, R, D)`` float32 regions, R = grid * grid.
-Frozen encoders run once into the feature store; a trainable one (``small_cnn``) is run inside the
+Frozen encoders run once into the feature store; a trainable one (``small_cnn``, or a pretrained
+one with ``encoder.fine_tune``: its last blocks train, see :mod:`attncap.finetune`) is run inside the
 captioning model, and its store holds the resized pixels instead.
 """
 
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from . import finetune, folding
 from .errors import AttncapError
 
 
@@ -48,11 +50,23 @@ class Encoder(nn.Module):
     """
 
     spec: EncoderSpec
+    fine_tune = 0              # blocks trained from the top (see :mod:`attncap.finetune`); 0 = none
+    frozen_batchnorm = False   # keep batch-norm layers in eval mode, whatever ``train()`` says
 
     def __init__(self, spec: EncoderSpec):
         super().__init__()
         self.spec = spec
         self.precision = "fp32"
+
+    def train(self, mode: bool = True) -> "Encoder":
+        """``nn.Module.train``, except that a fine-tuned encoder's batch norms keep their ImageNet
+        statistics: every ``model.train()`` call re-asserts eval mode on them."""
+        super().train(mode)
+        if self.frozen_batchnorm:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL RGB image -> uint8 tensor (3, S, S) for this encoder (see :func:`to_pixels`)."""
@@ -196,12 +210,21 @@ def resnet101_sgrvinod(pretrained: bool = True, allow_download: bool = True,
 
 
 class _EfficientNetTrunk(nn.Module):
+    """The package's network; frozen and in eval mode it runs folded (:mod:`attncap.folding`)."""
+
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
+        self._folded: list[nn.Module] = []  # a list, so the copy is neither a submodule nor saved
+        self.register_load_state_dict_post_hook(lambda module, keys: module._folded.clear())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(x)  # (B, 1280, 7, 7) at 224 px
+        if self.training or any(p.requires_grad for p in self.net.parameters()):
+            self._folded.clear()  # being trained: weights will change
+            return self.net.extract_features(x)  # (B, 1280, 7, 7) at 224 px
+        if not self._folded or self._folded[0].head.weight.device != x.device:
+            self._folded[:] = [folding.fold_lite(self.net)]
+        return self._folded[0](x)  # (B, 1280, 7, 7), the same to float rounding
 
 
 def efficientnet_lite0(pretrained: bool = True, allow_download: bool = True) -> Encoder:
@@ -305,12 +328,14 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
 
 def build_encoder(name: str, pretrained: bool = True, colour_stats: bool = False,
                   allow_download: bool = True, precision: str = "fp32", device: str = "cpu",
-                  blocks: tuple[int, ...] | None = None) -> Encoder:
+                  blocks: tuple[int, ...] | None = None, fine_tune_blocks: int = 0) -> Encoder:
     """Build an encoder by name (see :data:`ENCODERS`); frozen ones in eval mode, channels-last.
 
     Random (``pretrained=False``) weights are seeded, so the same encoder can be rebuilt to
     caption new images consistently with its feature store. ``blocks``: the ResNet stage depths of
-    an imported ``resnet101_sgrvinod`` (from its model folder's config).
+    an imported ``resnet101_sgrvinod`` (from its model folder's config). ``fine_tune_blocks``
+    (``encoder.fine_tune``): train the last N blocks with the decoder
+    (:func:`attncap.finetune.fine_tune`).
     """
     if name not in ENCODERS:
         raise AttncapError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
@@ -320,6 +345,8 @@ def build_encoder(name: str, pretrained: bool = True, colour_stats: bool = False
                                  **({"blocks": tuple(blocks)} if blocks else {}))
     if colour_stats:
         encoder = ColourStats(encoder)
+    if fine_tune_blocks:
+        finetune.fine_tune(encoder, fine_tune_blocks).to(memory_format=torch.channels_last)
     if not encoder.spec.trainable:
         encoder.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         encoder.precision = resolve_precision(precision, device)

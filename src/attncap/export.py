@@ -1,10 +1,13 @@
 """Export a trained model for use outside this toolkit.
 
-Two formats:
+Three formats:
 
 * ``folder``: a self-contained model folder (``model.safetensors``, ``encoder.safetensors``,
   ``config.json``, ``vocab.json``, ``README.md`` card) with no training state, which
-  :func:`attncap.load` reads back into a ready :class:`~attncap.predict.Predictor`.
+  :func:`attncap.load` reads back into a ready :class:`~attncap.api.ImageCaptioner`.
+* ``hub``: the same folder as a Hugging Face model repository: the card has the Hub's YAML front
+  matter, the training config and the commands, and ``training_config.json`` is added
+  (:mod:`attncap.hub`); ``attncap.load("org/name")`` reads it back from the Hub.
 * ``onnx``: the decoder cut at the same seams :mod:`attncap.decoding` uses, so any ONNX runtime can
   run greedy or beam search with its own loop: ``encode.onnx`` (encoder features -> projected
   regions, attention keys and the initial state) and ``step.onnx`` (one word step). Both have a
@@ -33,10 +36,11 @@ from torch import nn
 from . import __version__
 from .checkpoint import load_model
 from .config import RunConfig
-from .errors import AttncapError
+from .errors import AttncapError, require
 from .files import atomic_folder, read_json, write_json
 from .model import Captioner, Memory, State
 from .vocab import Vocab
+from .hub import write_hub_files
 from .predict import ENCODER_WEIGHTS, Predictor, resolve_model_dir
 
 OPSET = 18
@@ -58,6 +62,16 @@ def export_folder(source: str | Path, out: str | Path) -> Path:
     ``source``: a run directory, a checkpoint folder or another export. The frozen encoder's weights
     are included, so loading needs neither the encoder's package nor a download.
     """
+    return _model_folder(source, out, "folder")
+
+
+def export_hub(source: str | Path, out: str | Path) -> Path:
+    """Write a Hugging Face model repository: the ``folder`` export, a card with the Hub's YAML
+    front matter, the training config and commands (see :mod:`attncap.hub`)."""
+    return _model_folder(source, out, "hub")
+
+
+def _model_folder(source: str | Path, out: str | Path, fmt: str) -> Path:
     model_dir = resolve_model_dir(source)
     check_output(out, model_dir)
     predictor = Predictor(model_dir, device="cpu")
@@ -68,8 +82,11 @@ def export_folder(source: str | Path, out: str | Path) -> Path:
             weights = {k: v.detach().cpu().contiguous() for k, v in predictor.encoder.state_dict().items()}
             save_file(weights, str(tmp / ENCODER_WEIGHTS))
             os.chmod(tmp / ENCODER_WEIGHTS, 0o644)
-        (tmp / "README.md").write_text(model_card(predictor, _scores(Path(source))), encoding="utf-8")
-        _mark(tmp, "folder", model_dir)
+        card = model_card(predictor, _scores(Path(source)))
+        if fmt == "hub":
+            card = write_hub_files(tmp, Path(source), predictor, card)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        _mark(tmp, fmt, model_dir)
     return out
 
 
@@ -101,11 +118,11 @@ captions are fluent guesses, not descriptions.
 
 ```python
 import attncap
-from attncap.images import load_image
 
 captioner = attncap.load("path/to/this/folder")
-best = captioner.caption([load_image("picture.jpg")], beam_size={cfg.decode.beam_size})[0][0]
-print(best.caption, best.score)   # best.attention: one (g, g) map per word
+best = captioner("picture.jpg", beam={cfg.decode.beam_size})
+print(best.text, best.score)   # best.attention: one (g, g) map per word
+best.plot("attention.png"); best.gif("attention.gif")
 ```
 
 or `attncap serve THIS_FOLDER` for the web page and HTTP API.
@@ -182,7 +199,9 @@ def _export_graph(module: nn.Module, args: tuple, names: list[str], outputs: lis
 
 def export_onnx(source: str | Path, out: str | Path) -> Path:
     """Write ``encode.onnx``, ``step.onnx``, ``onnx.json`` (the interface), ``config.json``,
-    ``vocab.json`` and ``README.md`` into ``out``."""
+    ``vocab.json`` and ``README.md`` into ``out``. Needs the ``onnx`` extra (torch's exporter
+    writes the graphs with onnx and onnxscript)."""
+    require("onnx", "attncap export --format onnx")
     model_dir = resolve_model_dir(source)
     check_output(out, model_dir)
     model, vocab, cfg, info = load_model(model_dir, "cpu")  # the frozen CNN is not exported
@@ -257,6 +276,7 @@ graphs expect.
 
 
 FORMATS: dict[str, Callable[[str | Path, str | Path], Path]] = {"folder": export_folder,
+                                                               "hub": export_hub,
                                                                "onnx": export_onnx}
 
 

@@ -3,6 +3,7 @@
 Layout, per split, in ``run_dir/features/``::
 
     {split}.npy    (N, R, D) float16 regions, or (N, 3, S, S) uint8 pixels for a trainable encoder
+                   (``small_cnn``, or a pretrained one with ``encoder.fine_tune``)
     {split}.json   manifest: encoder, image ids and files in row order, failed images, shape, dtype
 
 Extraction streams: worker processes decode JPEGs, the encoder runs on a batch, and the rows are
@@ -79,7 +80,9 @@ def _encoder_record(encoder: Encoder, pretrained: bool) -> dict:
     s = encoder.spec
     return {"name": s.name, "image_size": s.image_size, "grid": s.grid, "dim": s.dim,
             "trainable": s.trainable, "pretrained": pretrained, "precision": encoder.precision,
-            "colour_stats": type(encoder).__name__ == "ColourStats"}
+            "colour_stats": type(encoder).__name__ == "ColourStats",
+            # only when fine-tuning (a pixel store): frozen stores keep the key they always had
+            **({"fine_tune": encoder.fine_tune} if getattr(encoder, "fine_tune", 0) else {})}
 
 
 def _row_layout(encoder: Encoder) -> tuple[tuple[int, ...], np.dtype]:

@@ -82,7 +82,7 @@ def _decode(fp: IO[bytes], name: str, max_pixels: int) -> Image.Image:
             _check_size(img.size, name, max_pixels)
             _load(img, name, max_pixels)
             oriented = _apply_orientation(img)
-    return _to_rgb(oriented, name)
+    return to_rgb(oriented, name)
 
 
 def _open(fp: IO[bytes], name: str, max_pixels: int) -> Image.Image:
@@ -152,7 +152,7 @@ def _apply_orientation(img: Image.Image) -> Image.Image:
         return img.copy()
 
 
-def _to_rgb(img: Image.Image, name: str) -> Image.Image:
+def to_rgb(img: Image.Image, name: str) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB; transparency is composited on white."""
     if img.mode == "RGB" and "transparency" not in img.info:
         return img

@@ -165,20 +165,20 @@ def _as_images(images: ImageInput) -> list[Image.Image]:
     if isinstance(images, (Image.Image, str, os.PathLike)):
         images = [images]
     elif not isinstance(images, (list, tuple)):
-        raise AttncapError(f"Predictor.caption takes {ACCEPTED}; got {_kind(images)}"
+        raise AttncapError(f"Predictor.caption takes {ACCEPTED}; got {type_name(images)}"
                            + (" (convert it with PIL.Image.fromarray)" if isinstance(images, np.ndarray)
                               else ""))
     if not images:
         raise AttncapError(f"Predictor.caption got an empty {type(images).__name__}; pass {ACCEPTED}")
     for i, item in enumerate(images):  # every type first: a bad item fails before any file is read
         if not isinstance(item, (Image.Image, str, os.PathLike)):
-            raise AttncapError(f"Predictor.caption: item {i} has type {_kind(item)}; each item must be a "
+            raise AttncapError(f"Predictor.caption: item {i} has type {type_name(item)}; each item must be a "
                                "PIL image or a path")
     loaded = [load_image(item) if isinstance(item, (str, os.PathLike)) else item for item in images]
     return [im if im.mode == "RGB" else im.convert("RGB") for im in loaded]
 
 
-def _kind(value: object) -> str:
+def type_name(value: object) -> str:
     """The type's name as a user would write it: ``int``, ``numpy.ndarray``."""
     kind = type(value)
     return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"

@@ -130,14 +130,16 @@ def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray, o
     alphas: (n_words, gh, gw). boxes: {word index: [[x, y, w, h], ...]} in the original image's
     pixels, outlined over that word's overlay (the objects a grounded word names). Returns the path.
     """
-    fig = _figure(image, words, alphas, cols, boxes)
+    fig = attention_overlays(image, words, alphas, cols, boxes)
     with atomic_path(out_path) as tmp:
         fig.savefig(tmp, format="png")
     return Path(out_path)
 
 
-def _figure(image: Image.Image, words: list[str], alphas: np.ndarray, cols: int, boxes) -> Figure:
-    """The figure :func:`attention_figure` saves: axes 0 the image, axes 1 + i word i's overlay."""
+def attention_overlays(image: Image.Image, words: list[str], alphas: np.ndarray, cols: int,
+                       boxes) -> Figure:
+    """The figure :func:`attention_figure` saves and ``Caption.plot`` returns: axes 0 the image,
+    axes 1 + i word i's overlay."""
     alphas = _check_words(words, alphas)
     small = _display_copy(image)
     shown = _display_boxes(boxes, len(words), image.size, small.size)

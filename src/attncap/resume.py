@@ -60,7 +60,9 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(folder / "tb"))
-        except ImportError:
+        except ImportError:  # an optional extra: training goes on with the JSONL log alone
+            print(f"note: no TensorBoard scalars (pip install 'attncap[tensorboard]' for them); "
+                  f"metrics go to {self.path}", flush=True)
             self.tb = None
 
     def _truncate(self, step: int) -> None:
@@ -130,8 +132,10 @@ def restore(ckpt: Path, model, optimizer, scheduler, cfg: RunConfig, dist: Dist)
 
 
 # Settings a resumed run cannot honour: the optimizer state restored from the checkpoint carries
-# the old lr and weight decay, and the saved position points into the old epoch plan.
-FIXED_ON_RESUME = ("lr", "weight_decay", "batch_size", "captions_per_image", "seed")
+# the old lr, encoder lr and weight decay, and the saved position points into the old epoch plan.
+FIXED_ON_RESUME = ("lr", "encoder_lr", "weight_decay", "batch_size", "captions_per_image", "seed")
+# Encoder settings likewise: encoder.fine_tune decides which weights the model and Adam hold.
+FIXED_ENCODER_ON_RESUME = ("fine_tune",)
 # Settings a resumed run applies from the next step on: the run is no longer the uninterrupted one.
 CHANGED_ON_RESUME = ("epochs", "warmup_steps", "min_lr_ratio", "grad_clip", "precision", "label_smoothing",
                      "ss_start", "ss_every", "ss_step", "ss_max")
@@ -139,11 +143,12 @@ CHANGED_ON_RESUME = ("epochs", "warmup_steps", "min_lr_ratio", "grad_clip", "pre
 
 def check_resumable(ckpt: Path, saved: RunConfig, cfg: RunConfig, dist: Dist) -> None:
     """Refuse a resume whose changed settings would be ignored; note the ones applied from now on."""
-    def changed(keys):
-        return [f"train.{k} {getattr(saved.train, k)!r} -> {getattr(cfg.train, k)!r}" for k in keys
-                if getattr(saved.train, k) != getattr(cfg.train, k)]
+    def changed(keys, section="train"):
+        old, new = getattr(saved, section), getattr(cfg, section)
+        return [f"{section}.{k} {getattr(old, k)!r} -> {getattr(new, k)!r}" for k in keys
+                if getattr(old, k) != getattr(new, k)]
 
-    fixed = changed(FIXED_ON_RESUME)
+    fixed = changed(FIXED_ON_RESUME) + changed(FIXED_ENCODER_ON_RESUME, "encoder")
     if fixed:
         raise AttncapError(f"cannot resume from {ckpt} with {', '.join(fixed)}: a resumed run keeps the "
                            "checkpoint's optimizer and epoch plan; undo the change, or pass --no-resume "

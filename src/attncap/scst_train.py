@@ -256,7 +256,8 @@ def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, r
              progress: bool, dist: Dist, stop: StopSignals) -> Trainer:
     """Model and a constant-rate Adam: restored from ``scst_latest``, or the cross-entropy checkpoint."""
     model = train_lib.build_model(cfg, vocab, store, dist.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.scst.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.scst.lr, weight_decay=cfg.train.weight_decay,
+                                 fused=True)  # one pass per parameter, as in train.py
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
     folder = run_dir / "checkpoints"
     latest = recover_folder(folder / NAMES[0])
