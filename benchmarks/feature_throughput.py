@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from attncap.config import EncoderConfig
 from attncap.encoders import build_encoder
 from attncap.features import ImageItem, extract_features, image_loader
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-pretrained", action="store_true", help="random encoder weights")
     p.add_argument("--colour-stats", action="store_true")
     p.add_argument("--precision", default="auto")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=EncoderConfig().batch_size)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--skip-parts", action="store_true", help="skip the decode-only and encode-only timings")
     args = p.parse_args(argv)

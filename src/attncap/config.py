@@ -141,7 +141,8 @@ class EncoderConfig(Section):
     pretrained: bool = setting(True)        # False: random weights (only on explicit request)
     colour_stats: bool = setting(False)     # append a per-cell colour histogram to each region vector
     precision: str = setting("auto", choices=PRECISIONS)  # auto: bf16 where the hardware is fast at it
-    batch_size: int = setting(32, 1, 4096)  # images per extraction batch
+    batch_size: int = setting(8, 1, 4096)   # images per extraction batch: small ones keep a CPU's caches
+    #                                         warm (docs/performance.md); raise it on a GPU
     workers: int = setting(2, 0, 256)       # JPEG decoding processes; 0 = decode in the main process
     threads: int = setting(0, 0, 1024)      # torch threads per process; 0 = cores / processes on this node
     fine_tune: int = setting(0, 0, max(FINE_TUNE_BLOCKS.values()))  # train the last N blocks with the

@@ -104,13 +104,14 @@ def train_stage(run_dir: str | Path, cfg: RunConfig, resume: bool = True, progre
 # What `attncap demo` changes from the defaults, before the user's own overrides (docs/design.md
 # has the measurements): frozen ImageNet features carry colour weakly, so the shapes world gets
 # per-cell colour histograms; the decoder learns where each region is (spatial words: "from left
-# to right", "above"); 8000 training images and dropout against over-fitting. 14 epochs fit the
-# budget that keeps `make demo` under 15 minutes on 2 CPU cores; max_minutes is the safety net.
+# to right", "above"); 8000 training images and dropout against over-fitting. The work is fixed
+# (14 epochs, their whole schedule), so the scores do not depend on the machine's speed: the
+# budget is only a safety net that the reference runs (README) are far from.
 DEMO_PRESET = {
     "data": {"train_images": 8000},
     "encoder": {"colour_stats": True},
     "model": {"region_positions": True, "dropout": 0.3},
-    "train": {"epochs": 14, "patience": 6, "max_minutes": 9.0},
+    "train": {"epochs": 14, "patience": 6, "max_minutes": 45.0},
 }
 
 
