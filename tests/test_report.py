@@ -144,11 +144,11 @@ def test_grounded_word_gets_its_box_in_figure_and_gif(tmp_path):
     scaled to the 320-px display copy (the 640x480 image is shown at 320x240: half size)."""
     from matplotlib.patches import Rectangle
 
-    from attncap.report import _figure
+    from attncap.report import attention_overlays
 
     image = _square_scene().resize((640, 480))  # the red square: x 384..480, y 96..192
     words, alphas, box = ["a", "red", "square"], _alphas(3), [384.0, 96.0, 96.0, 96.0]
-    fig = _figure(image, words, alphas, 5, {2: [box]})
+    fig = attention_overlays(image, words, alphas, 5, {2: [box]})
     patches = [[p for p in ax.patches if isinstance(p, Rectangle)] for ax in fig.axes]
     assert [len(p) for p in patches[:4]] == [0, 0, 0, 1]  # axes 0 is the plain image, 3 the word "square"
     (rect,) = patches[3]
