@@ -65,11 +65,24 @@ def attncap_references(captions):
     return raw_references(records)
 
 
-@pytest.mark.parametrize("candidates", [CANDIDATES, OTHER], ids=["close", "short"])
-def test_scores_equal_cocoevalcap_on_raw_references(tmp_path, monkeypatch, candidates):
+SETS = {"close": CANDIDATES, "short": OTHER}
+
+
+@pytest.fixture(scope="module")
+def fresh_scores(tmp_path_factory):
+    """attncap's scores of each candidate set, each from its own fresh scorer (a METEOR process
+    each: the slow part, so both tests below share them)."""
+    captions, _ = write_fixture(tmp_path_factory.mktemp("refs"), CANDIDATES)
+    refs = attncap_references(captions)
+    return {name: metrics.caption_scores(refs, c, spice=False) for name, c in SETS.items()}
+
+
+@pytest.mark.parametrize("name", list(SETS))
+def test_scores_equal_cocoevalcap_on_raw_references(tmp_path, monkeypatch, fresh_scores, name):
+    candidates = SETS[name]
     captions, results = write_fixture(tmp_path, candidates)
     expected = official(captions, results, monkeypatch)
-    ours = metrics.caption_scores(attncap_references(captions), candidates, spice=False)
+    ours = fresh_scores[name]
     assert set(ours) == set(metrics.METRIC_KEYS)
     for key in metrics.METRIC_KEYS:
         assert ours[key] == pytest.approx(expected[key], abs=1e-9, rel=0), key
@@ -85,7 +98,7 @@ def test_references_reach_the_tokenizer_as_written(tmp_path):
     assert "zürich" in tokens[3][2] and "crème brûlée" in tokens[12][0]
 
 
-def test_one_meteor_process_scores_every_setting(tmp_path, monkeypatch):
+def test_one_meteor_process_scores_every_setting(tmp_path, monkeypatch, fresh_scores):
     started = []
 
     class CountingMeteor(pycocoevalcap.meteor.meteor.Meteor):
@@ -95,7 +108,7 @@ def test_one_meteor_process_scores_every_setting(tmp_path, monkeypatch):
 
     captions, _ = write_fixture(tmp_path, CANDIDATES)
     refs = attncap_references(captions)
-    separate = [metrics.caption_scores(refs, c, spice=False) for c in (CANDIDATES, OTHER, CANDIDATES)]
+    separate = [fresh_scores[name] for name in ("close", "short", "close")]
     monkeypatch.setattr(pycocoevalcap.meteor.meteor, "Meteor", CountingMeteor)
     with metrics.CaptionScorer(refs, spice=False) as scorer:
         shared = [scorer.score(c) for c in (CANDIDATES, OTHER, CANDIDATES)]
