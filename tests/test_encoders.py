@@ -73,3 +73,26 @@ def test_frozen_efficientnet_runs_folded_and_equals_the_package_network():
         after = random(pixels)
     assert not torch.allclose(before, after)
     assert torch.equal(after, folded)
+
+
+def test_image_size_changes_the_input_and_the_grid_and_bad_sizes_are_refused():
+    """encoder.image_size: a fully convolutional encoder at 192 px reads 192 px pixels and gives a
+    6x6 grid (36 regions), the colour histogram pooled to the same grid; sizes that are not a
+    multiple of the stride, and encoders with a fixed input, are one-line config errors."""
+    from attncap.config import EncoderConfig
+
+    enc = build_encoder("efficientnet_lite0", colour_stats=True, image_size=192)
+    assert (enc.spec.image_size, enc.spec.grid, enc.spec.dim) == (192, 6, 1289)
+    pixels = enc.preprocess(Image.new("RGB", (300, 200), (230, 20, 20))).unsqueeze(0)
+    assert pixels.shape == (1, 3, 192, 192)
+    with torch.inference_mode():
+        assert enc(pixels).shape == (1, 36, 1289)
+    assert build_encoder("small_cnn", image_size=96).spec.grid == 6
+    assert EncoderConfig(image_size=192).image_size == 192
+    for name, size, allowed in [("efficientnet_lite0", 200, "a multiple of 32"),
+                                ("inception_v3", 320, "its input size is fixed")]:
+        with pytest.raises(AttncapError, match=allowed) as err:
+            EncoderConfig(name=name, image_size=size)
+        assert str(err.value).startswith("encoder.image_size must be") and "\n" not in str(err.value)
+        with pytest.raises(AttncapError, match=allowed):
+            build_encoder(name, pretrained=False, image_size=size)

@@ -68,7 +68,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"
         encoder = build_encoder(encoder_info["name"], pretrained=False,
                                 colour_stats=encoder_info.get("colour_stats", False),
                                 blocks=encoder_info.get("blocks"),
-                                fine_tune_blocks=encoder_info.get("fine_tune", 0))
+                                fine_tune_blocks=encoder_info.get("fine_tune", 0),
+                                image_size=encoder_info.get("image_size", 0))
     model = Captioner(cfg.model, vocab_size, feature_dim, encoder)
     try:
         weights = load_file(str(path / "model.safetensors"))

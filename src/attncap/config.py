@@ -30,6 +30,9 @@ DECODER_NAMES = ("gru", "lstm")
 # them; a test checks they agree). small_cnn has none: it always trains all its layers.
 FINE_TUNE_BLOCKS = {"inception_v3": 12, "efficientnet_lite0": 18, "resnet101": 5, "small_cnn": 0,
                     "resnet101_sgrvinod": 5}
+# Pixels per grid cell of the encoders whose input size can change (encoder.image_size): their
+# grid is image_size / stride. inception_v3's 299 px and sgrvinod's pooled 14x14 grid are fixed.
+ENCODER_STRIDES = {"efficientnet_lite0": 32, "resnet101": 32, "small_cnn": 16}
 PRECISIONS = ("fp32", "bf16", "auto")
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 KINDS = {"int": int, "float": float, "str": str, "bool": bool}  # field annotations are strings here
@@ -147,12 +150,19 @@ class EncoderConfig(Section):
     threads: int = setting(0, 0, 1024)      # torch threads per process; 0 = cores / processes on this node
     fine_tune: int = setting(0, 0, max(FINE_TUNE_BLOCKS.values()))  # train the last N blocks with the
     #                                         decoder (store holds pixels); 0 = frozen features
+    image_size: int = setting(0, 0, 4096)   # input side in pixels; 0 = the encoder's own (224 for
+    #                                         efficientnet_lite0); a multiple of its stride (32)
 
     def relations(self) -> Iterator[tuple[str, bool, str]]:
         most = FINE_TUNE_BLOCKS[self.name]
         yield ("fine_tune", self.fine_tune <= most,
                f"from 0 to {most} with encoder {self.name} (its blocks; 0 = frozen, {most} = all)" if most
                else f"0 with encoder {self.name} (it always trains all its layers)")
+        if self.image_size:
+            stride = ENCODER_STRIDES.get(self.name)
+            yield ("image_size", bool(stride) and self.image_size % stride == 0 and self.image_size >= stride,
+                   f"0 or a multiple of {stride} with encoder {self.name}" if stride
+                   else f"0 (its input size is fixed) with encoder {self.name}")
 
 
 @dataclass(frozen=True)

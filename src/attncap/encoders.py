@@ -10,6 +10,7 @@ captioning model, and its store holds the resized pixels instead.
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,7 @@ from PIL import Image
 from torch import nn
 
 from . import finetune, folding
+from .config import ENCODER_STRIDES
 from .errors import AttncapError
 
 
@@ -326,16 +328,27 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
         else "fp32"
 
 
+def _resized(spec: EncoderSpec, image_size: int) -> EncoderSpec:
+    """The spec of a fully convolutional encoder fed ``image_size`` pixels instead of its own."""
+    stride = ENCODER_STRIDES.get(spec.name)
+    if not stride or image_size % stride or image_size < stride:
+        allowed = f"0 or a multiple of {stride}" if stride else "0 (its input size is fixed)"
+        raise AttncapError(f"encoder.image_size must be {allowed} with encoder {spec.name}, got {image_size}")
+    return dataclasses.replace(spec, image_size=image_size, grid=image_size // stride)
+
+
 def build_encoder(name: str, pretrained: bool = True, colour_stats: bool = False,
                   allow_download: bool = True, precision: str = "fp32", device: str = "cpu",
-                  blocks: tuple[int, ...] | None = None, fine_tune_blocks: int = 0) -> Encoder:
+                  blocks: tuple[int, ...] | None = None, fine_tune_blocks: int = 0,
+                  image_size: int = 0) -> Encoder:
     """Build an encoder by name (see :data:`ENCODERS`); frozen ones in eval mode, channels-last.
 
     Random (``pretrained=False``) weights are seeded, so the same encoder can be rebuilt to
     caption new images consistently with its feature store. ``blocks``: the ResNet stage depths of
     an imported ``resnet101_sgrvinod`` (from its model folder's config). ``fine_tune_blocks``
     (``encoder.fine_tune``): train the last N blocks with the decoder
-    (:func:`attncap.finetune.fine_tune`).
+    (:func:`attncap.finetune.fine_tune`). ``image_size`` (``encoder.image_size``): the input side
+    in pixels, 0 for the encoder's own; the grid follows it (efficientnet_lite0 at 192 px: 6x6).
     """
     if name not in ENCODERS:
         raise AttncapError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
@@ -343,6 +356,8 @@ def build_encoder(name: str, pretrained: bool = True, colour_stats: bool = False
         torch.manual_seed(0)
         encoder = ENCODERS[name](pretrained=pretrained, allow_download=allow_download,
                                  **({"blocks": tuple(blocks)} if blocks else {}))
+    if image_size and image_size != encoder.spec.image_size:
+        encoder.spec = _resized(encoder.spec, image_size)
     if colour_stats:
         encoder = ColourStats(encoder)
     if fine_tune_blocks:

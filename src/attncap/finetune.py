@@ -82,9 +82,13 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def check_store(cfg: RunConfig, info: dict, store: str) -> None:
-    """Refuse to train with an ``encoder.fine_tune`` other than the one the feature store was made
-    for: frozen features and pixels are different stores."""
+    """Refuse to train with an ``encoder.fine_tune`` or ``encoder.image_size`` other than the one
+    the feature store was made for: frozen features and pixels are different stores."""
     made = info.get("fine_tune", 0)  # stores of frozen encoders do not record it
     if cfg.encoder.fine_tune != made:
         raise AttncapError(f"encoder.fine_tune is {cfg.encoder.fine_tune} but the feature store {store} "
                            f"was made with {made}: run `attncap features` with this config first")
+    size = cfg.encoder.image_size
+    if size and size != info.get("image_size"):
+        raise AttncapError(f"encoder.image_size is {size} but the feature store {store} was made at "
+                           f"{info.get('image_size')} px: run `attncap features` with this config first")
