@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--regions", type=int, default=64)
     p.add_argument("--feature-dim", type=int, default=2048)
+    p.add_argument("--captions-per-image", type=int, default=1,
+                   help="rows of a batch that share an image, encoded once (train.group_captions)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
@@ -79,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     pool = torch.randn(256, args.regions, args.feature_dim).half()         # the float16 store
 
     def step(k: int, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        rows = torch.from_numpy(rng.integers(0, len(pool), len(inputs)))
-        features = pool[rows].to(dev, non_blocking=True).float()          # (B, R, D)
-        output = model(features, inputs.to(dev))
+        share = args.captions_per_image
+        rows = torch.from_numpy(rng.integers(0, len(pool), -(-len(inputs) // share)))
+        features = pool[rows].to(dev, non_blocking=True).float()          # (I, R, D)
+        images = torch.arange(len(inputs), device=dev) // share if share > 1 else None
+        output = model(features, inputs.to(dev), images=images)
         loss, _ = caption_loss(output, targets.to(dev), cfg.alpha_c)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -100,10 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     captions = sum(len(i) for i, _ in timed)
     tokens = sum(int((t != 0).sum()) for _, t in timed)
-    flops = count_flops(model, args.regions, captions, tokens, training=True)
+    images = sum(-(-len(i) // args.captions_per_image) for i, _ in timed)
+    flops = count_flops(model, args.regions, images, tokens, training=True)
     print(json.dumps({
         "benchmark": "train_throughput", "decoder": args.decoder, "device": args.device,
         "threads": torch.get_num_threads(), "batch": args.batch, "vocab": args.vocab,
+        "captions_per_image": args.captions_per_image,
         "lengths": args.lengths, "steps": len(timed), "seconds": round(seconds, 2),
         "captions_per_s": round(captions / seconds, 1), "tokens_per_s": round(tokens / seconds, 1),
         "gflop_per_caption": round(flops / captions / 1e9, 3),

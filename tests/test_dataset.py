@@ -64,3 +64,47 @@ def test_bf16_autocast_training_runs_and_learns(run_copy):
     epochs = [json.loads(line) for line in log if '"epoch"' in line]
     assert all(np.isfinite(e["train_loss"]) for e in epochs)
     assert epochs[1]["train_loss"] < epochs[0]["train_loss"]
+
+
+@pytest.mark.parametrize("per_image", [5, 2, 0])
+def test_grouped_plan_keeps_each_images_captions_together_and_encodes_it_once(prepared_run, per_image):
+    from attncap.train import open_splits
+
+    _, _, splits = open_splits(prepared_run)
+    split = splits["train"]
+    plan = split.epoch_plan(3, 7, 10, per_image, group=True)
+    assert [p.tolist() for p in plan] == [p.tolist() for p in split.epoch_plan(3, 7, 10, per_image, group=True)]
+    pairs = np.concatenate(plan)
+    counts = np.bincount(pairs[:, 0], minlength=len(split))
+    expected = [len(c) if per_image in (0,) or per_image >= len(c) else per_image for c in split.captions]
+    assert counts.tolist() == expected                                   # every drawn caption once
+    assert len({tuple(p) for p in pairs.tolist()}) == len(pairs)
+    home = {}
+    for k, batch in enumerate(plan):
+        for i in batch[:, 0].tolist():
+            assert home.setdefault(i, k) == k                              # an image in one batch only
+        lengths = [len(split.captions[i][c]) for i, c in batch]
+        assert lengths == sorted(lengths, reverse=True)                    # longest first
+        loaded = split.batch(batch)
+        assert len(loaded.features) == len(set(batch[:, 0].tolist()))     # each image gathered once
+        assert torch.equal(loaded.features[loaded.images], split.features(batch[:, 0]))
+    per_batch = max(1, round(10 / np.mean(expected)))                      # about 10 captions a batch
+    images = [len(set(b[:, 0].tolist())) for b in plan]
+    assert max(images) == per_batch and sum(n < per_batch for n in images) <= 1   # one short batch
+    assert [p.tolist() for p in plan] != [p.tolist() for p in split.epoch_plan(4, 7, 10, per_image, group=True)]
+
+
+def test_ungrouped_batches_gather_one_row_per_caption(prepared_run):
+    from attncap.train import open_splits
+
+    _, _, splits = open_splits(prepared_run)
+    batch = splits["train"].batch(splits["train"].epoch_plan(0, 0, 8, 1)[0])
+    assert batch.images is None and len(batch.features) == len(batch.inputs)
+
+
+def test_grouped_training_runs_and_learns(run_copy):
+    cfg = tiny_config(train={"epochs": 2, "captions_per_image": 0, "group_captions": True})
+    state = train(run_copy, cfg, progress=False)
+    epochs = [json.loads(line) for line in (run_copy / "train" / "metrics.jsonl").read_text().splitlines()
+              if '"epoch"' in line]
+    assert state.epoch == 2 and epochs[1]["train_loss"] < epochs[0]["train_loss"]

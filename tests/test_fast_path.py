@@ -135,9 +135,9 @@ def count_stepwise(monkeypatch) -> list[int]:
     """Record the rows of every call of the step-wise path."""
     calls, original = [], Captioner._scheduled
 
-    def counted(self, features, inputs, replace, generator):
+    def counted(self, features, images, inputs, replace, generator):
         calls.append(len(inputs))
-        return original(self, features, inputs, replace, generator)
+        return original(self, features, images, inputs, replace, generator)
     monkeypatch.setattr(Captioner, "_scheduled", counted)
     return calls
 
@@ -160,7 +160,7 @@ def test_stepwise_path_without_replacements_equals_teacher_forcing_logits_and_gr
     model = paper_model()
     features, inputs, targets = random_batch()
     fast = model(features, inputs)
-    slow = model._scheduled(features, inputs, torch.zeros_like(inputs, dtype=torch.bool), None)
+    slow = model._scheduled(features, None, inputs, torch.zeros_like(inputs, dtype=torch.bool), None)
     assert torch.equal(fast.index, slow.index)
     torch.testing.assert_close(slow.logits, fast.logits, atol=1e-6, rtol=0)
     params = list(model.parameters())
@@ -211,3 +211,29 @@ def test_only_rows_with_a_sampled_input_take_the_stepwise_path(monkeypatch):
     for b in sampled.nonzero().squeeze(1).tolist():
         torch.testing.assert_close(grid[b, :first[b]], ref[b, :first[b]], atol=1e-6, rtol=0)
     assert int(caption_loss(mixed, targets)[1]) == int(real.sum())
+
+
+@pytest.mark.parametrize("variant", ["seed_gru", "paper_lstm"])
+@pytest.mark.parametrize("sample_prob", [0.0, 0.5])
+def test_rows_sharing_an_image_equal_the_image_repeated_logits_and_gradients(variant, sample_prob):
+    """``images`` encodes each image once; the result is that of every row carrying its own copy."""
+    torch.manual_seed(0)
+    model = Captioner(ModelConfig(**DIMS, **VARIANTS[variant]), vocab_size=20, feature_dim=6)
+    features, inputs, targets = random_batch()
+    unique = features[:3]
+    images = torch.tensor([2, 0, 1, 0, 2, 1])                        # 6 rows over 3 images, unsorted
+    params = list(model.parameters())
+    results = []
+    for args in ((unique[images], inputs), (unique, inputs, sample_prob, None, images)):
+        torch.manual_seed(5)                                          # the same draws for both
+        out = model(*args) if len(args) > 2 else model(*args, sample_prob=sample_prob)
+        loss = caption_loss(out, targets, model.cfg.alpha_c)[0]
+        results.append((out, loss, torch.autograd.grad(loss, params, allow_unused=True)))
+    (a, loss_a, grad_a), (b, loss_b, grad_b) = results
+    assert torch.equal(a.index, b.index)
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=0)
+    for x, y in zip(grad_a, grad_b):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(y, x, atol=1e-5, rtol=0)

@@ -208,6 +208,8 @@ class TrainConfig(Section):
     weight_decay: float = setting(0.0, 0.0, 1.0)   # Adam's L2 penalty; 0 = none
     grad_clip: float = setting(5.0, 0.0)           # gradient norm limit; 0 = no clipping
     captions_per_image: int = setting(1, 0, 1000)  # captions drawn per image per epoch; 0 = every caption
+    group_captions: bool = setting(False)          # a batch holds whole images, each encoded once for
+    #                                                all its drawn captions (self-critical's seq_per_img)
     patience: int = setting(4, 0, 10_000)          # early stop after this many epochs without a better val
     #                                                CIDEr; 0 = no early stopping
     max_minutes: float = setting(0.0, 0.0)         # stop after the epoch crossing this budget; 0 = no budget

@@ -3,8 +3,11 @@
 A training epoch is a list of (row, caption) pairs: each image contributes
 ``captions_per_image`` of its captions (drawn with the epoch's seed) or all of them. Pairs are
 shuffled, grouped into pools of many batches, sorted by length inside a pool and cut into batches,
-so a batch holds captions of nearly equal length and the decoder runs over little padding. The
-plan depends only on (seed, epoch), which is what makes resuming exact.
+so a batch holds captions of nearly equal length and the decoder runs over little padding. With
+``group`` (``train.group_captions``) the images are shuffled and bucketed instead, and a batch holds
+all the drawn captions of each of its images, so that the model encodes each image once for all of
+them (self-critical.pytorch's ``seq_per_img``). The plan depends only on (seed, epoch), which is
+what makes resuming exact.
 """
 
 from __future__ import annotations
@@ -31,15 +34,19 @@ class Batch:
     inputs: torch.Tensor    # (B, T) <start> w1 .. wn <pad>... (see teacher_forcing)
     targets: torch.Tensor   # (B, T) w1 .. wn <end> <pad>...
     image_ids: list[int]
+    images: torch.Tensor | None = None  # (B,) each row's image in ``features`` (I, ...) when rows
+    #                                     share images; None: row b's image is features[b]
 
     def to(self, device: torch.device) -> "Batch":
+        images = None if self.images is None else self.images.to(device, non_blocking=True)
         return Batch(self.features.to(device, non_blocking=True), self.inputs.to(device, non_blocking=True),
-                     self.targets.to(device, non_blocking=True), self.image_ids)
+                     self.targets.to(device, non_blocking=True), self.image_ids, images)
 
     def pin(self) -> "Batch":
         """In page-locked memory, so that the copy to the GPU runs asynchronously."""
+        images = None if self.images is None else self.images.pin_memory()
         return Batch(self.features.pin_memory(), self.inputs.pin_memory(), self.targets.pin_memory(),
-                     self.image_ids)
+                     self.image_ids, images)
 
 
 def prefetch(items: Iterable[T], load: Callable[[T], U], depth: int = 2) -> Iterator[U]:
@@ -103,28 +110,50 @@ class CaptionSplit:
         (the model converts them on its device: half the bytes to move) or uint8 pixels."""
         return torch.from_numpy(np.ascontiguousarray(self.array[self.rows[index]]))
 
-    def epoch_plan(self, epoch: int, seed: int, batch_size: int, captions_per_image: int
-                   ) -> list[np.ndarray]:
-        """Length-bucketed batches of (image index, caption index) pairs for one epoch."""
+    def epoch_plan(self, epoch: int, seed: int, batch_size: int, captions_per_image: int,
+                   group: bool = False) -> list[np.ndarray]:
+        """Length-bucketed batches of (image index, caption index) pairs for one epoch; with
+        ``group``, batches of whole images (all their drawn captions), about ``batch_size`` pairs."""
         rng = np.random.default_rng([seed, epoch])
-        pairs = []
-        for i, caps in enumerate(self.captions):
+        drawn = []
+        for caps in self.captions:
             if captions_per_image <= 0 or captions_per_image >= len(caps):
-                pairs += [(i, c) for c in range(len(caps))]
+                drawn.append(np.arange(len(caps)))
             else:
-                pairs += [(i, int(c)) for c in rng.choice(len(caps), captions_per_image, replace=False)]
-        pairs = np.array(pairs, dtype=np.int64)[rng.permutation(len(pairs))]
+                drawn.append(rng.choice(len(caps), captions_per_image, replace=False))
+        if group:
+            return self._image_batches(drawn, batch_size, rng)
+        pairs = np.array([(i, int(c)) for i, caps in enumerate(drawn) for c in caps], dtype=np.int64)
+        pairs = pairs[rng.permutation(len(pairs))]
         lengths = np.array([len(self.captions[i][c]) for i, c in pairs])
         return [pairs[b] for b in length_buckets(lengths, batch_size, rng)]
 
+    def _image_batches(self, drawn: list[np.ndarray], batch_size: int, rng: np.random.Generator
+                       ) -> list[np.ndarray]:
+        """Images shuffled and bucketed by their longest drawn caption, ``batch_size`` / (captions
+        per image) to a batch; a batch's pairs longest first."""
+        images = rng.permutation(len(drawn))
+        per_image = sum(map(len, drawn)) / max(1, len(drawn))
+        longest = np.array([max(len(self.captions[i][c]) for c in drawn[i]) for i in images])
+        batches = []
+        for b in length_buckets(longest, max(1, round(batch_size / per_image)), rng):
+            pairs = np.array([(i, int(c)) for i in images[b] for c in drawn[i]], dtype=np.int64)
+            lengths = np.array([len(self.captions[i][c]) for i, c in pairs])
+            batches.append(pairs[np.argsort(-lengths, kind="stable")])
+        return batches
+
     def batch(self, pairs: np.ndarray) -> Batch:
-        """Gather features and pad captions for one planned batch."""
+        """Gather features and pad captions for one planned batch; an image that several rows
+        share is gathered once (``Batch.images``)."""
         seqs = [self.captions[i][c] for i, c in pairs]
         tokens = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
         for k, s in enumerate(seqs):
             tokens[k, : len(s)] = torch.tensor(s)
-        return Batch(self.features(pairs[:, 0]), *teacher_forcing(tokens),
-                     [self.image_ids[i] for i in pairs[:, 0]])
+        ids = [self.image_ids[i] for i in pairs[:, 0]]
+        unique, images = np.unique(pairs[:, 0], return_inverse=True)
+        if len(unique) == len(pairs):
+            return Batch(self.features(pairs[:, 0]), *teacher_forcing(tokens), ids)
+        return Batch(self.features(unique), *teacher_forcing(tokens), ids, torch.from_numpy(images.reshape(-1)))
 
     def image_batches(self, batch_size: int, keep=None):
         """Yield (image ids, features) over every image once, in order (for decoding); only the

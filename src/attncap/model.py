@@ -214,8 +214,11 @@ class Captioner(nn.Module):
 
     # -- teacher forcing and scheduled sampling --------------------------------------------------
     def forward(self, features: torch.Tensor, inputs: torch.Tensor, sample_prob: float = 0.0,
-                generator: torch.Generator | None = None) -> Output:
+                generator: torch.Generator | None = None, images: torch.Tensor | None = None) -> Output:
         """Teacher forcing: ``inputs`` (B, T) are ``<start> w1 .. wn`` then padding (0).
+
+        ``images`` (B,), when given, is each row's image in ``features`` (I, ...): rows that share
+        an image share its encoding (self-critical.pytorch's ``seq_per_img``), computed once.
 
         Returns the logits of w1 .. <end> at the real steps only. With ``sample_prob`` > 0
         (scheduled sampling, Bengio et al. 2015) every input word after ``<start>`` is, with that
@@ -225,31 +228,46 @@ class Captioner(nn.Module):
         device, the one checkpoints save).
         """
         if sample_prob <= 0:
-            return self._teacher_forcing(features, inputs)
+            return self._teacher_forcing(features, inputs, images)
         B, T = inputs.shape
         replace = (inputs != 0) & (torch.arange(T, device=inputs.device) > 0)  # (B, T) words after <start>
         if sample_prob < 1:
             replace &= torch.rand(B, T, device=inputs.device, generator=generator) < sample_prob
         sampled = replace.any(1)                                     # (B,) rows with a drawn input
         if not bool(sampled.any()):
-            return self._teacher_forcing(features, inputs)
+            return self._teacher_forcing(features, inputs, images)
         rows = sampled.nonzero().squeeze(1)
-        parts = [(rows, self._scheduled(features[rows], inputs[rows], replace[rows], generator))]
+        parts = [(rows, self._scheduled(*self._rows(features, images, rows), inputs[rows], replace[rows],
+                                        generator))]
         if not bool(sampled.all()):
             rows = (~sampled).nonzero().squeeze(1)
-            parts.append((rows, self._teacher_forcing(features[rows], inputs[rows])))
+            features_of, images_of = self._rows(features, images, rows)
+            parts.append((rows, self._teacher_forcing(features_of, inputs[rows], images_of)))
         index = [rows[out.index // T] * T + out.index % T for rows, out in parts]  # caller's grid
         return Output(torch.cat([out.logits for _, out in parts]), torch.cat([out.alphas for _, out in parts]),
                       torch.cat(index), (B, T))
 
-    def _teacher_forcing(self, features: torch.Tensor, inputs: torch.Tensor) -> Output:
+    @staticmethod
+    def _rows(features: torch.Tensor, images: torch.Tensor | None, rows: torch.Tensor):
+        """(features, images) of some rows: the image index narrows, the shared features stay."""
+        return (features[rows], None) if images is None else (features, images[rows])
+
+    def _memory(self, features: torch.Tensor, images: torch.Tensor | None, order: torch.Tensor | None
+                ) -> Memory:
+        """Each row's memory, in ``order``: every image of ``features`` encoded once."""
+        if images is None:
+            return self.encode(features if order is None else features[order])
+        return self.encode(features).index_select(images if order is None else images[order])
+
+    def _teacher_forcing(self, features: torch.Tensor, inputs: torch.Tensor,
+                         images: torch.Tensor | None = None) -> Output:
         """Captions are run longest first, so the rows still running at step t are a prefix of the
         batch: each step computes only those, and the word-side gates, the output layers and the
         loss run once over all real tokens. Feed rows sorted by decreasing length to skip a copy.
         """
-        order, features, inputs, running, active = self._longest_first(features, inputs)
+        order, inputs, running, active = self._longest_first(inputs)
         word_gates = self.word_gates(self.embed(inputs.t()[running])).split(active)  # [(n_t, G)]
-        memory = self.encode(features)
+        memory = self._memory(features, images, order)
         state = self.init_state(memory)
         prefixes = {len(inputs): memory}  # one slice per distinct row count, not per step (cheap backward)
         hs, alphas = [], []
@@ -262,14 +280,14 @@ class Captioner(nn.Module):
             alphas.append(alpha)
         return self._packed(self.logits(torch.cat(hs)), torch.cat(alphas), order, running)
 
-    def _scheduled(self, features: torch.Tensor, inputs: torch.Tensor, replace: torch.Tensor,
-                   generator: torch.Generator | None) -> Output:
+    def _scheduled(self, features: torch.Tensor, images: torch.Tensor | None, inputs: torch.Tensor,
+                   replace: torch.Tensor, generator: torch.Generator | None) -> Output:
         """Step by step: the inputs where ``replace`` (B, T) is True are drawn from the previous
         step's distribution, so every step needs its own output layer (the cost of sampling)."""
-        order, features, inputs, running, active = self._longest_first(features, inputs)
+        order, inputs, running, active = self._longest_first(inputs)
         if order is not None:
             replace = replace[order]
-        memory = self.encode(features)
+        memory = self._memory(features, images, order)
         state = self.init_state(memory)
         logits, alphas = [], []
         for t, n in enumerate(active):
@@ -286,19 +304,19 @@ class Captioner(nn.Module):
         return self._packed(torch.cat(logits), torch.cat(alphas), order, running)
 
     @staticmethod
-    def _longest_first(features: torch.Tensor, inputs: torch.Tensor):
-        """Rows sorted by decreasing length (order None when they already are), the (T, B) mask of
-        real steps and the number of rows running at each step."""
+    def _longest_first(inputs: torch.Tensor):
+        """The order that sorts rows by decreasing length (None when they already are), the sorted
+        inputs, the (T, B) mask of real steps and the number of rows running at each step."""
         B, T = inputs.shape
         lengths = (inputs != 0).sum(1)                               # (B,)
         order = torch.argsort(lengths, descending=True, stable=True)
         if bool((order == torch.arange(B, device=order.device)).all()):
             order = None  # already longest first
         else:
-            features, inputs, lengths = features[order], inputs[order], lengths[order]
+            inputs, lengths = inputs[order], lengths[order]
         running = torch.arange(T, device=inputs.device)[:, None] < lengths[None, :]  # (T, B)
         active = [n for n in running.sum(1).tolist() if n > 0]       # rows running at each step
-        return order, features, inputs, running, active
+        return order, inputs, running, active
 
     @staticmethod
     def _packed(logits: torch.Tensor, alphas: torch.Tensor, order: torch.Tensor | None,

@@ -105,7 +105,7 @@ def train_step(t: Trainer, loaded: tuple) -> tuple[float, float, int] | None:
     # Scheduled sampling draws from this rank's generator (saved with the checkpoint); 0 = teacher forcing.
     sample_prob = sample_probability(t.cfg.train, t.state.epoch)
     with torch.autocast(t.dist.device.type, torch.bfloat16, enabled=t.bf16):
-        output = t.net(batch.features, batch.inputs, sample_prob=sample_prob)
+        output = t.net(batch.features, batch.inputs, sample_prob=sample_prob, images=batch.images)
         terms = loss_terms(output, batch.targets, t.cfg.model.alpha_c, t.cfg.train.label_smoothing,
                            tokens=tokens, captions=len(pairs))
     weight = 1.0 if real else 0.0  # a stand-in share adds nothing
@@ -236,7 +236,7 @@ def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, t
     optimizer = torch.optim.Adam(param_groups(model, cfg.train), lr=cfg.train.lr,
                                  weight_decay=cfg.train.weight_decay, fused=True)
     per_epoch = len(train_split.epoch_plan(0, cfg.train.seed, cfg.train.batch_size,
-                                           cfg.train.captions_per_image))
+                                           cfg.train.captions_per_image, cfg.train.group_captions))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
         per_epoch * cfg.train.epochs, cfg.train.warmup_steps, cfg.train.min_lr_ratio))
     latest = recover_folder(run_dir / "checkpoints" / "latest")
@@ -282,7 +282,7 @@ def _run_epochs(t: Trainer, splits: dict[str, CaptionSplit], vocab: Vocab, run_d
             break
         started = time.time()
         plan = splits["train"].epoch_plan(t.state.epoch, cfg.train.seed, cfg.train.batch_size,
-                                          cfg.train.captions_per_image)
+                                          cfg.train.captions_per_image, cfg.train.group_captions)
         losses = train_one_epoch(t, splits["train"], plan)
         if losses is None:
             stop_for_signal(t, run_dir, vocab, encoder_info, started)
