@@ -9,8 +9,8 @@ captioning model, and its store holds the resized pixels instead.
 
 from __future__ import annotations
 
-import os
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable

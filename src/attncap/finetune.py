@@ -83,7 +83,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 def check_store(cfg: RunConfig, info: dict, store: str) -> None:
     """Refuse to train with an ``encoder.fine_tune`` or ``encoder.image_size`` other than the one
-    the feature store was made for: frozen features and pixels are different stores."""
+    the feature store was made for: frozen features, pixels and other sizes are different stores."""
     made = info.get("fine_tune", 0)  # stores of frozen encoders do not record it
     if cfg.encoder.fine_tune != made:
         raise AttncapError(f"encoder.fine_tune is {cfg.encoder.fine_tune} but the feature store {store} "

@@ -113,7 +113,7 @@ DEMO_PRESET = {
     "model": {"region_positions": True, "dropout": 0.3},
     "train": {"epochs": 14, "patience": 6, "max_minutes": 45.0},
     # beams ranked by mean log-probability per word: on the demo's val split CIDEr 3.301 -> 3.367
-    # and BLEU-4 0.618 -> 0.619 against the raw sum (docs/performance.md)
+    # and BLEU-4 0.618 -> 0.619 against the raw sum (docs/design.md)
     "decode": {"length_penalty": 1.0},
 }
 
