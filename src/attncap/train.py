@@ -167,7 +167,7 @@ def evaluate(model: Captioner, split: CaptionSplit, vocab: Vocab, cfg: RunConfig
     total, tokens = 0.0, 0
     for pairs in split.epoch_plan(0, cfg.train.seed, cfg.decode.eval_batch_size, 1):
         batch = split.batch(pairs).to(device)
-        loss, ntok = caption_loss(model(batch.features, batch.inputs), batch.targets)
+        loss, ntok = caption_loss(model(batch.features, batch.inputs, images=batch.images), batch.targets)
         total += float(loss) * int(ntok)
         tokens += int(ntok)
     d = cfg.decode
