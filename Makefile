@@ -11,7 +11,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }  # the browser test
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal  # 2 workers that share out the slow tests: 612 s, not 648 s with a file each, on a slow 2-core AVX2 CPU
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal  # 2 workers that share out the slow tests: 550 s on a slow 2-core AVX2 CPU (first-generation EPYC)
 
 install: $(STAMP)
 

@@ -148,7 +148,7 @@ step train_ddp env GLOO_SOCKET_IFNAME=lo NCCL_SOCKET_IFNAME=lo \
   --rdzv-endpoint=127.0.0.1:0 --local-addr=127.0.0.1 "$STEP" train_ddp cli -- \
   train --run "$RUN_DDP" --quiet "${SETS[@]}" --set train.epochs=1 --set train.precision=auto
 if ((SCORES)); then
-  cli evaluate --items "${IMAGES[2]}" -- evaluate --run "$RUN" --quiet --beam 3 "${SETS[@]}"
+  cli evaluate --items "${IMAGES[2]}" -- evaluate --run "$RUN" --quiet --beam 3 --samples 2 "${SETS[@]}"
 else  # the same beam search, from the image files, with no scores (they need java)
   cli caption --items "$TOTAL_IMAGES" -- caption "$RUN/dataset/images" --run "$RUN" --beam 3 --quiet \
     --out "$WORK/captions.json"

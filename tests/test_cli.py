@@ -40,6 +40,21 @@ def test_demo_writes_scores_results_and_report(demo_run, capsys):
     assert config["train"]["epochs"] == 2 and config["model"]["hidden_dim"] == 48
 
 
+def test_evaluate_samples_sets_how_many_images_the_report_shows(demo_run, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("eval"))
+    assert main(["evaluate", "--run", str(run), "--quiet", "--samples", "2"]) == 0
+    html = (run / "eval" / "report" / "index.html").read_text()
+    assert html.count('<div class="card">') == 2 and len(list((run / "eval" / "report").glob("*.gif"))) == 2
+    scores = json.loads((run / "eval" / "scores.json").read_text())
+    assert scores == json.loads((demo_run / "eval" / "scores.json").read_text())  # the report alone changes
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--quiet", "--samples", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--samples" in err[0] and "Traceback" not in err[0]
+
+
 def test_stages_rerun_reuse_artifacts(demo_run):
     store = demo_run / "features" / "train.npy"
     before = store.stat().st_mtime_ns

@@ -76,7 +76,7 @@ def test_inception_v3_path_end_to_end(coco_prepared, mini_coco, tmp_path, capsys
 
     assert main(["train", "--run", str(run), "--epochs", "1", "--quiet"]) == 0
     capsys.readouterr()
-    assert main(["evaluate", "--run", str(run), "--beams", "1,3,5", "--quiet"]) == 0
+    assert main(["evaluate", "--run", str(run), "--beams", "1,3,5", "--quiet", "--samples", "1"]) == 0
     out = capsys.readouterr().out
     assert "| greedy |" in out and "| beam 3 |" in out and "| beam 5 |" in out and "BLEU-4" in out
     for k in (1, 3, 5):
@@ -108,7 +108,7 @@ def test_efficientnet_lite0_path_with_real_weights(coco_prepared, mini_coco, tmp
     assert store.array.shape == (4, 49, 1280) and store.encoder["pretrained"] is True
     assert np.abs(store.array.astype(np.float32)).mean() > 0.01
     assert main(["train", "--run", str(run), "--epochs", "2", "--quiet"]) == 0
-    assert main(["evaluate", "--run", str(run), "--quiet"]) == 0
+    assert main(["evaluate", "--run", str(run), "--quiet", "--samples", "1"]) == 0
     scores = json.loads((run / "eval" / "scores_test_beam2.json").read_text())
     assert set(METRIC_KEYS) <= set(scores)
     assert len(json.loads((run / "eval" / "results_test.json").read_text())) == 4

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(1 = greedy), each into its own results file (default: decode.beam_size)")
             p.add_argument("--checkpoint", default="best", choices=["best", "latest", "scst_best", "scst_latest"],
                            help="which checkpoint of the run to score (default best; SCST: scst_best)")
+            p.add_argument("--samples", type=int, default=8, metavar="N", help="images of the split "
+                           "the report shows with attention figures and GIFs (default 8; 0 = none)")
     _caption_parser(sub)
     _serve_parser(sub)
     _export_parser(sub)
@@ -257,7 +259,10 @@ def cmd_evaluate(args) -> int:
         beams = [int(k) for k in args.beams.split(",")] if args.beams else None
     except ValueError:
         raise AttncapError(f"--beams must be beam sizes separated by commas, e.g. 1,3,5; got {args.beams!r}") from None
-    results = evaluate_beams(args.run, beams, cfg.decode, args.split, args.checkpoint, progress=not args.quiet)
+    if args.samples < 0:
+        raise AttncapError(f"--samples is how many images the report shows, 0 or more; got {args.samples}")
+    results = evaluate_beams(args.run, beams, cfg.decode, args.split, args.checkpoint, args.samples,
+                             progress=not args.quiet)
     if not is_main_process():  # under torchrun, rank 0 alone prints
         return 0
     if len(results) == 1:
