@@ -75,7 +75,8 @@ def test_scst_steps_on_one_batch_raise_its_reward(trained_run, tmp_path, baselin
     with process_group(None) as dist, StopSignals() as stop:
         vocab, stores, splits = open_splits(run)
         reward = scst_train_lib.build_reward(run, splits["train"], vocab, 0.0, dist)
-        t = scst_train_lib._trainer(run, cfg, vocab, stores["train"], False, False, dist, stop)
+        t = scst_train_lib._trainer(run, cfg, vocab, stores["train"], len(splits["train"]), False, False,
+                                    dist, stop)
         rewards = [scst_train_lib.scst_step(t, splits["train"], vocab, reward, np.arange(8))["reward"]
                    for _ in range(25)]
     assert np.mean(rewards[-5:]) > 1.5 * np.mean(rewards[:5]), np.round(rewards, 3)
@@ -96,8 +97,12 @@ def test_a_stop_mid_epoch_then_resume_equals_an_uninterrupted_scst_run(trained_r
     straight, stopped = copy(trained_run, tmp_path / "straight"), copy(trained_run, tmp_path / "stopped")
     with pytest.raises(AttncapError, match="another model"):  # not the model it starts from
         scst_train(straight, tiny_config(scst=SCST, model={"hidden_dim": 40}), progress=False)
-    cfg = tiny_config(scst=SCST, train=TRAIN)
+    cfg = tiny_config(scst={**SCST, "min_lr_ratio": 0.1}, train=TRAIN)  # the cosine schedule resumes too
     scst_train(straight, cfg, progress=False)
+    lrs = [r["lr"] for r in records(straight) if "epoch" not in r]  # after each of the 12 steps
+    assert len(lrs) == 12 and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[5] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 6 / 12))))  # halfway: 5.5e-4
+    assert lrs[-1] == pytest.approx(1e-4)
     stop_at(monkeypatch, 8)
     state = scst_train(stopped, cfg, progress=False)
     assert state.preempted == "SIGTERM" and (state.epoch, state.step, state.batch_in_epoch) == (1, 8, 2)

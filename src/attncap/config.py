@@ -254,7 +254,8 @@ class ScstConfig(Section):
     section: ClassVar[str] = "scst"
     init: str = setting("best", choices=("best", "latest"))  # the cross-entropy checkpoint it starts from
     epochs: int = setting(10, 1, 10_000)
-    lr: float = setting(5e-5, above=0.0, hi=1.0)   # constant; Adam starts afresh
+    lr: float = setting(5e-5, above=0.0, hi=1.0)   # Adam starts afresh
+    min_lr_ratio: float = setting(1.0, 0.0, 1.0)   # 1 = constant lr; below: cosine to lr * this over the epochs
     batch_size: int = setting(16, 1, 8192)         # images per step (each with `samples` captions)
     samples: int = setting(5, 1, 100)              # captions sampled per image
     baseline: str = setting("mean", choices=("greedy", "mean"))  # greedy caption (Rennie) | mean of the

@@ -47,7 +47,7 @@ from .vocab import Vocab
 
 NAMES = ("scst_latest", "scst_best")
 # Settings a resumed SCST run cannot honour (Adam's state and the epoch plan carry them).
-FIXED_ON_RESUME = ("lr", "batch_size", "samples", "baseline", "bleu4")
+FIXED_ON_RESUME = ("lr", "min_lr_ratio", "batch_size", "samples", "baseline", "bleu4")
 
 
 @dataclass
@@ -252,13 +252,15 @@ def _check_resumable(ckpt: Path, cfg: RunConfig) -> None:
                            "or pass --no-resume to start SCST over from the cross-entropy checkpoint")
 
 
-def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, resume: bool,
+def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, images: int, resume: bool,
              progress: bool, dist: Dist, stop: StopSignals) -> Trainer:
-    """Model and a constant-rate Adam: restored from ``scst_latest``, or the cross-entropy checkpoint."""
+    """Model and Adam at ``scst.lr`` (constant, or a cosine down to ``lr * scst.min_lr_ratio`` over
+    ``scst.epochs``): restored from ``scst_latest``, or the cross-entropy checkpoint."""
     model = train_lib.build_model(cfg, vocab, store, dist.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.scst.lr, weight_decay=cfg.train.weight_decay,
                                  fused=True)  # one pass per parameter, as in train.py
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
+    steps = cfg.scst.epochs * -(-images // cfg.scst.batch_size)  # image_plan's batches of the training images
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train_lib.lr_lambda(steps, 0, cfg.scst.min_lr_ratio))
     folder = run_dir / "checkpoints"
     latest = recover_folder(folder / NAMES[0])
     recover_folder(folder / NAMES[1])
@@ -280,10 +282,6 @@ def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, r
     return Trainer(cfg, model, model, optimizer, scheduler, state, dist, stop, log, progress, bf16, NAMES)
 
 
-def _constant(step: int) -> float:
-    return 1.0
-
-
 def scst_train(run_dir: str | Path, cfg: RunConfig, resume: bool = True, progress: bool = True,
                device: str | None = None) -> TrainState:
     """Self-critical training of ``run_dir``'s model; resumes from ``checkpoints/scst_latest``.
@@ -296,7 +294,7 @@ def scst_train(run_dir: str | Path, cfg: RunConfig, resume: bool = True, progres
         torch.set_num_threads(cfg.train.threads or threads_per_process(dist.local_world_size))
         vocab, stores, splits = train_lib.open_splits(run_dir)
         reward = build_reward(run_dir, splits["train"], vocab, cfg.scst.bleu4, dist)
-        t = _trainer(run_dir, cfg, vocab, stores["train"], resume, progress, dist, stop)
+        t = _trainer(run_dir, cfg, vocab, stores["train"], len(splits["train"]), resume, progress, dist, stop)
         encoder_info = stores["train"].encoder
         try:
             while t.state.epoch < cfg.scst.epochs:
