@@ -165,4 +165,5 @@ def test_shipped_config_files_and_the_demo_preset_are_valid(tmp_path):
 
     for path in sorted((Path(__file__).parents[1] / "configs").glob("*.toml")):
         config_lib.load(path)
-    assert demo_config(tmp_path / "new").train.patience == 6 and not (tmp_path / "new").exists()
+    demo = demo_config(tmp_path / "new")
+    assert demo.train.patience == 6 and demo.encoder.precision == "fp32" and not (tmp_path / "new").exists()

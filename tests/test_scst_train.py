@@ -93,7 +93,8 @@ def stop_at(monkeypatch, step):
     monkeypatch.setattr(scst_train_lib, "scst_step", step_)
 
 
-def test_a_stop_mid_epoch_then_resume_equals_an_uninterrupted_scst_run(trained_run, tmp_path, monkeypatch):
+def test_a_stop_mid_epoch_then_resume_equals_an_uninterrupted_scst_run(trained_run, tmp_path, monkeypatch,
+                                                                       capsys):
     straight, stopped = copy(trained_run, tmp_path / "straight"), copy(trained_run, tmp_path / "stopped")
     with pytest.raises(AttncapError, match="another model"):  # not the model it starts from
         scst_train(straight, tiny_config(scst=SCST, model={"hidden_dim": 40}), progress=False)
@@ -109,6 +110,12 @@ def test_a_stop_mid_epoch_then_resume_equals_an_uninterrupted_scst_run(trained_r
     monkeypatch.undo()
     with pytest.raises(AttncapError, match="scst.samples 3 -> 4"):
         scst_train(stopped, tiny_config(scst={**SCST, "samples": 4}, train=TRAIN), progress=False)
+    changed = copy(stopped, tmp_path / "changed")  # a changed schedule is applied, with a note
+    capsys.readouterr()
+    scst_train(changed, tiny_config(scst={**SCST, "min_lr_ratio": 0.5}, train=TRAIN), progress=False)
+    assert "scst.min_lr_ratio 0.1 -> 0.5" in capsys.readouterr().out
+    lr9 = [r["lr"] for r in records(changed) if "epoch" not in r][8]
+    assert lr9 == pytest.approx(1e-3 * (0.5 + 0.5 * 0.5 * (1 + np.cos(np.pi * 9 / 12))))
     assert scst_train(stopped, cfg, progress=False).epoch == 2
     a, b = weights(straight, "scst_latest"), weights(stopped, "scst_latest")
     for k in a:

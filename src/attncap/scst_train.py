@@ -47,7 +47,9 @@ from .vocab import Vocab
 
 NAMES = ("scst_latest", "scst_best")
 # Settings a resumed SCST run cannot honour (Adam's state and the epoch plan carry them).
-FIXED_ON_RESUME = ("lr", "min_lr_ratio", "batch_size", "samples", "baseline", "bleu4")
+FIXED_ON_RESUME = ("lr", "batch_size", "samples", "baseline", "bleu4")
+# Settings a resumed SCST run applies from the next step on (scst.epochs moves only a cosine's end).
+CHANGED_ON_RESUME = ("min_lr_ratio", "epochs")
 
 
 @dataclass
@@ -243,13 +245,23 @@ def _start_from(path: Path, model: torch.nn.Module) -> None:
     model.load_state_dict(start.state_dict())
 
 
-def _check_resumable(ckpt: Path, cfg: RunConfig) -> None:
+def _check_resumable(ckpt: Path, cfg: RunConfig, dist: Dist) -> None:
+    """Refuse a resume whose changed settings would be ignored; note the ones applied from now on."""
     saved = read_json(ckpt / "config.json", "checkpoint config")["run"].get("scst", {})
-    fixed = [f"scst.{k} {saved[k]!r} -> {getattr(cfg.scst, k)!r}" for k in FIXED_ON_RESUME
-             if k in saved and saved[k] != getattr(cfg.scst, k)]
+
+    def changed(keys):
+        return [f"scst.{k} {saved[k]!r} -> {getattr(cfg.scst, k)!r}" for k in keys
+                if k in saved and saved[k] != getattr(cfg.scst, k)]
+
+    fixed = changed(FIXED_ON_RESUME)
     if fixed:
         raise AttncapError(f"cannot resume SCST from {ckpt} with {', '.join(fixed)}; undo the change, "
                            "or pass --no-resume to start SCST over from the cross-entropy checkpoint")
+    cosine = min(saved.get("min_lr_ratio", 1.0), cfg.scst.min_lr_ratio) < 1
+    applied = changed(CHANGED_ON_RESUME if cosine else ())  # at a constant lr more epochs are exact
+    if applied and dist.is_main:
+        print(f"note: resuming with {', '.join(applied)}: the lr schedule changes from the next step on, "
+              "so the run is no longer identical to an uninterrupted one", flush=True)
 
 
 def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, images: int, resume: bool,
@@ -265,7 +277,7 @@ def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, i
     latest = recover_folder(folder / NAMES[0])
     recover_folder(folder / NAMES[1])
     if resume and (latest / "state.pt").is_file():
-        _check_resumable(latest, cfg)
+        _check_resumable(latest, cfg, dist)
         state = restore(latest, model, optimizer, scheduler, cfg, dist)
     else:
         _start_from(recover_folder(folder / cfg.scst.init), model)
