@@ -206,6 +206,9 @@ def _print_scores(scores: dict, run: str) -> None:
 
 
 def cmd_demo(args) -> int:
+    from .cpu_kernels import pin_avx2
+
+    pin_avx2()  # the README's figures on every x86-64 CPU (cpu_kernels.py); before torch loads
     from .pipeline import demo
 
     _print_scores(demo(args.run, _config(args), progress=not args.quiet, resume=not args.no_resume),

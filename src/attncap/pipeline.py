@@ -109,8 +109,9 @@ def train_stage(run_dir: str | Path, cfg: RunConfig, resume: bool = True, progre
 # budget is only a safety net that the reference runs (README) are far from.
 DEMO_PRESET = {
     "data": {"train_images": 8000},
-    # fp32 even where bf16 is fast (AVX512-BF16): the same precision on every CPU; bf16 features
-    # cost the scores' third digit (test BLEU-4 0.622 -> 0.616, CIDEr 3.43 -> 3.39; README)
+    # fp32 even where bf16 is fast (AVX512-BF16): the same figures on every CPU (with the AVX2
+    # kernels `attncap demo` asks for: cpu_kernels.py); bf16 features cost the scores' third digit
+    # (test BLEU-4 0.622 -> 0.616, CIDEr 3.43 -> 3.39; README)
     "encoder": {"colour_stats": True, "precision": "fp32"},
     "model": {"region_positions": True, "dropout": 0.3},
     "train": {"epochs": 14, "patience": 6, "max_minutes": 45.0},
