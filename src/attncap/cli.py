@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import parse_overrides
+from .cpu_kernels import pin_avx2
 from .errors import AttncapError
 
 DEFAULT_RUN = "runs/demo"
@@ -206,8 +207,6 @@ def _print_scores(scores: dict, run: str) -> None:
 
 
 def cmd_demo(args) -> int:
-    from .cpu_kernels import pin_avx2
-
     pin_avx2()  # the README's figures on every x86-64 CPU (cpu_kernels.py); before torch loads
     from .pipeline import demo
 

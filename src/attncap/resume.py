@@ -22,6 +22,8 @@ from .distributed import Dist
 from .errors import AttncapError
 from .files import append_line, atomic_path, read_jsonl
 
+Settings = tuple[tuple[str, tuple[str, ...]], ...]  # (config section, its keys) pairs
+
 
 @dataclass
 class TrainState:
@@ -100,7 +102,10 @@ def seed_rank(cfg: RunConfig, dist: Dist) -> None:
         torch.manual_seed(cfg.train.seed + dist.rank)
 
 
-def restore(ckpt: Path, model, optimizer, scheduler, cfg: RunConfig, dist: Dist) -> TrainState:
+def restore(ckpt: Path, model, optimizer, scheduler, cfg: RunConfig, dist: Dist,
+            fixed: Settings = (), applied: Settings = ()) -> TrainState:
+    """Load ``ckpt`` into the model, optimizer and schedule; ``fixed`` and ``applied`` are more
+    settings for :func:`check_resumable` (SCST's)."""
     saved = load_state(ckpt)
     try:
         resumed, _, ckpt_cfg, _ = load_model(ckpt)
@@ -111,7 +116,7 @@ def restore(ckpt: Path, model, optimizer, scheduler, cfg: RunConfig, dist: Dist)
             or resumed.feature_dim != model.feature_dim:
         raise AttncapError(f"checkpoint {ckpt} was trained with another model, vocabulary or encoder; "
                            "pass --no-resume to start over, or use a new --run directory")
-    check_resumable(ckpt, ckpt_cfg, cfg, dist)
+    check_resumable(ckpt, ckpt_cfg, cfg, dist, fixed, applied)
     model.load_state_dict(resumed.state_dict())
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
@@ -142,19 +147,22 @@ CHANGED_ON_RESUME = ("epochs", "warmup_steps", "min_lr_ratio", "grad_clip", "pre
                      "ss_start", "ss_every", "ss_step", "ss_max")
 
 
-def check_resumable(ckpt: Path, saved: RunConfig, cfg: RunConfig, dist: Dist) -> None:
-    """Refuse a resume whose changed settings would be ignored; note the ones applied from now on."""
-    def changed(keys, section="train"):
-        old, new = getattr(saved, section), getattr(cfg, section)
-        return [f"{section}.{k} {getattr(old, k)!r} -> {getattr(new, k)!r}" for k in keys
-                if getattr(old, k) != getattr(new, k)]
+def check_resumable(ckpt: Path, saved: RunConfig, cfg: RunConfig, dist: Dist, fixed: Settings = (),
+                    applied: Settings = ()) -> None:
+    """Refuse a resume whose changed settings would be ignored; note the ones applied from now on.
 
-    fixed = changed(FIXED_ON_RESUME) + changed(FIXED_ENCODER_ON_RESUME, "encoder")
+    ``fixed`` and ``applied`` add (section, keys) pairs to the training loop's own lists."""
+    def changed(settings: Settings) -> list[str]:
+        return [f"{section}.{k} {getattr(getattr(saved, section), k)!r} -> {getattr(getattr(cfg, section), k)!r}"
+                for section, keys in settings for k in keys
+                if getattr(getattr(saved, section), k) != getattr(getattr(cfg, section), k)]
+
+    fixed = changed((("train", FIXED_ON_RESUME), ("encoder", FIXED_ENCODER_ON_RESUME), *fixed))
     if fixed:
         raise AttncapError(f"cannot resume from {ckpt} with {', '.join(fixed)}: a resumed run keeps the "
                            "checkpoint's optimizer and epoch plan; undo the change, or pass --no-resume "
                            "to start over with it")
-    applied = changed(CHANGED_ON_RESUME)
+    applied = changed((("train", CHANGED_ON_RESUME), *applied))
     if applied and dist.is_main:
         print(f"note: resuming with {', '.join(applied)}: applied from the next step on, so the run is "
               "no longer identical to an uninterrupted one", flush=True)

@@ -48,7 +48,8 @@ from .vocab import Vocab
 NAMES = ("scst_latest", "scst_best")
 # Settings a resumed SCST run cannot honour (Adam's state and the epoch plan carry them).
 FIXED_ON_RESUME = ("lr", "batch_size", "samples", "baseline", "bleu4")
-# Settings a resumed SCST run applies from the next step on (scst.epochs moves only a cosine's end).
+# Settings a resumed SCST run applies from the next step on (scst.epochs moves only a cosine's end:
+# at a constant lr more epochs are exact).
 CHANGED_ON_RESUME = ("min_lr_ratio", "epochs")
 
 
@@ -245,25 +246,6 @@ def _start_from(path: Path, model: torch.nn.Module) -> None:
     model.load_state_dict(start.state_dict())
 
 
-def _check_resumable(ckpt: Path, cfg: RunConfig, dist: Dist) -> None:
-    """Refuse a resume whose changed settings would be ignored; note the ones applied from now on."""
-    saved = read_json(ckpt / "config.json", "checkpoint config")["run"].get("scst", {})
-
-    def changed(keys):
-        return [f"scst.{k} {saved[k]!r} -> {getattr(cfg.scst, k)!r}" for k in keys
-                if k in saved and saved[k] != getattr(cfg.scst, k)]
-
-    fixed = changed(FIXED_ON_RESUME)
-    if fixed:
-        raise AttncapError(f"cannot resume SCST from {ckpt} with {', '.join(fixed)}; undo the change, "
-                           "or pass --no-resume to start SCST over from the cross-entropy checkpoint")
-    cosine = min(saved.get("min_lr_ratio", 1.0), cfg.scst.min_lr_ratio) < 1
-    applied = changed(CHANGED_ON_RESUME if cosine else ())  # at a constant lr more epochs are exact
-    if applied and dist.is_main:
-        print(f"note: resuming with {', '.join(applied)}: the lr schedule changes from the next step on, "
-              "so the run is no longer identical to an uninterrupted one", flush=True)
-
-
 def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, images: int, resume: bool,
              progress: bool, dist: Dist, stop: StopSignals) -> Trainer:
     """Model and Adam at ``scst.lr`` (constant, or a cosine down to ``lr * scst.min_lr_ratio`` over
@@ -277,8 +259,10 @@ def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, i
     latest = recover_folder(folder / NAMES[0])
     recover_folder(folder / NAMES[1])
     if resume and (latest / "state.pt").is_file():
-        _check_resumable(latest, cfg, dist)
-        state = restore(latest, model, optimizer, scheduler, cfg, dist)
+        saved = read_json(latest / "config.json", "checkpoint config")["run"].get("scst", {})
+        cosine = min(saved.get("min_lr_ratio", 1.0), cfg.scst.min_lr_ratio) < 1
+        state = restore(latest, model, optimizer, scheduler, cfg, dist, fixed=(("scst", FIXED_ON_RESUME),),
+                        applied=(("scst", CHANGED_ON_RESUME if cosine else ()),))
     else:
         _start_from(recover_folder(folder / cfg.scst.init), model)
         state = TrainState()
