@@ -219,6 +219,51 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run_two_processes
     assert_same_training(straight, stopped)
 
 
+# Run by each torchrun worker: counts the DDP wrappers alive when the process group is destroyed
+# (after a run that ends, and after one that fails), for the test below.
+HOLDERS_AT_DESTROY = """
+import gc, sys
+import torch, torch.distributed
+import attncap.train
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config
+destroy = torch.distributed.destroy_process_group
+
+def counting(*args, **kwargs):
+    alive = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+    print(f"rank {{torch.distributed.get_rank()}}: {{alive}} DDP wrapper(s) alive at destroy", flush=True)
+    destroy(*args, **kwargs)
+
+torch.distributed.destroy_process_group = counting
+cfg = tiny_config(train={{"log_every": 1, "batch_size": 8, "captions_per_image": 0, "epochs": 1}})
+if sys.argv[2] == "fail":
+    def failing(t, *args):
+        assert isinstance(t.net, torch.nn.parallel.DistributedDataParallel)
+        raise RuntimeError("a failure mid-training")
+    attncap.train._run_epochs = failing
+attncap.train.train(sys.argv[1], cfg, progress=False)
+"""
+
+
+@pytest.mark.parametrize("ending", ["ends", "fail"])
+def test_no_ddp_wrapper_holds_the_process_group_when_it_is_destroyed(run_copy, tmp_path, ending):
+    # one that does keeps the group's gloo threads until interpreter exit, where they can abort
+    # the process after a run that succeeded (seen once in CI: SIGABRT after "trained 2 epochs")
+    script = tmp_path / "worker.py"
+    script.write_text(HOLDERS_AT_DESTROY.format(tests=str(Path(__file__).parent)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+                           "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1",
+                           str(script), str(run_copy), ending], env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    out = proc.stdout + proc.stderr
+    assert (proc.returncode == 0) == (ending == "ends"), out
+    if ending == "fail":
+        assert "a failure mid-training" in out
+    for rank in (0, 1):
+        assert f"rank {rank}: 0 DDP wrapper(s) alive at destroy" in out, out
+    assert "terminate called" not in out
+
+
 def test_sigkill_of_one_rank_ends_the_others_with_an_error(run_copy, start):
     proc = start(run_copy, 2, {"train": {**LONG, "epochs": 100, "dist_timeout_minutes": 0.5}})
     wait_for_step(run_copy, 2, proc)

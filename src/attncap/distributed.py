@@ -14,9 +14,11 @@ steps; the ranks agree on it with one all-reduce, so all of them stop after the 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import threading
+import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Iterator
@@ -158,8 +160,25 @@ def process_group(device: str | None = None, timeout_minutes: float = 30.0) -> I
                             device_id=dev if dev.type == "cuda" else None)
     try:
         yield Dist(env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"], dev, backend)
+    except BaseException as exc:  # the traceback's finished frames hold the block's objects (a DDP wrapper)
+        traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
-        dist.destroy_process_group()
+        _destroy_group()
+
+
+def _destroy_group() -> None:
+    """Leave the process group once nothing else holds it.
+
+    ``destroy_process_group`` only drops torch's own references; the group itself (its worker
+    threads, and the last collective's work they still hold) goes when its last holder does, such
+    as a DDP wrapper. Gone later, at interpreter exit, a gloo thread that releases that work asks
+    for the GIL of a finalising interpreter and the process aborts ("terminate called without an
+    active exception", SIGABRT, after a run that succeeded). So the block's objects are collected
+    first, and the group's destructor drains and joins its threads here.
+    """
+    gc.collect()
+    dist.destroy_process_group()
 
 
 class StopSignals:

@@ -207,14 +207,21 @@ def train(run_dir: str | Path, cfg: RunConfig, resume: bool = True, progress: bo
     run_dir = Path(run_dir)
     with process_group(device, cfg.train.dist_timeout_minutes) as dist, StopSignals() as stop:
         torch.set_num_threads(cfg.train.threads or threads_per_process(dist.local_world_size))
-        vocab, stores, splits = open_splits(run_dir)
-        t = _trainer(run_dir, cfg, vocab, stores["train"], splits["train"], resume, progress, dist, stop)
-        try:
-            _run_epochs(t, splits, vocab, run_dir, stores["train"].encoder)
-        finally:
-            if t.log is not None:
-                t.log.close()
-        return t.state
+        # in a function of its own: the trainer and its DDP wrapper, which holds the process group,
+        # are gone when the group is destroyed (see distributed.process_group)
+        return _train(run_dir, cfg, resume, progress, dist, stop)
+
+
+def _train(run_dir: Path, cfg: RunConfig, resume: bool, progress: bool, dist: Dist, stop: StopSignals
+           ) -> TrainState:
+    vocab, stores, splits = open_splits(run_dir)
+    t = _trainer(run_dir, cfg, vocab, stores["train"], splits["train"], resume, progress, dist, stop)
+    try:
+        _run_epochs(t, splits, vocab, run_dir, stores["train"].encoder)
+    finally:
+        if t.log is not None:
+            t.log.close()
+    return t.state
 
 
 def open_splits(run_dir: Path) -> tuple[Vocab, dict[str, FeatureStore], dict[str, CaptionSplit]]:
