@@ -38,8 +38,9 @@ def test_samples_are_the_sampling_decoders_words_with_their_log_probabilities():
     assert bool((s.logp[s.tokens == 0] == 0).all()) and bool((s.entropy[s.tokens == 0] == 0).all())
 
 
-def reference_logprobs(model, feats, tokens, n, min_len=1):
-    """Plain teacher forcing of the sampled tokens: every row, every step, the masks written out."""
+def reference_distributions(model, feats, tokens, n, min_len=1):
+    """Plain teacher forcing of the sampled tokens: every row, every step, the masks written out.
+    Returns each step's log-probabilities of the allowed words, (M, L, V)."""
     inputs = torch.cat([torch.full((len(tokens), 1), START), tokens[:, :-1]], 1)
     feats = feats.repeat_interleave(n, 0)
     memory = model.encode(feats)
@@ -50,13 +51,20 @@ def reference_logprobs(model, feats, tokens, n, min_len=1):
         masked[:, [0, START]] = float("-inf")
         if t < min_len:
             masked[:, END] = float("-inf")
-        out.append(F.log_softmax(masked, -1).gather(1, tokens[:, t:t + 1].clamp(min=0)).squeeze(1))
-    lp = torch.stack(out, 1)
-    return torch.where(tokens != 0, lp, torch.zeros_like(lp))
+        out.append(F.log_softmax(masked, -1))
+    return torch.stack(out, 1)
 
 
-@pytest.mark.parametrize("kind", ["greedy", "mean"])
-def test_the_scst_gradient_equals_a_plain_reference_implementation(kind):
+def reference_logprobs_and_entropies(model, feats, tokens, n):
+    dists = reference_distributions(model, feats, tokens, n)
+    lp = dists.gather(2, tokens.clamp(min=0)[..., None]).squeeze(2)
+    h = -(dists.exp() * dists.masked_fill(dists == float("-inf"), 0.0)).sum(-1)
+    zero = torch.zeros_like(lp)
+    return torch.where(tokens != 0, lp, zero), torch.where(tokens != 0, h, zero)
+
+
+@pytest.mark.parametrize("kind,entropy", [("greedy", 0.0), ("mean", 0.0), ("mean", 0.3)])
+def test_the_scst_gradient_equals_a_plain_reference_implementation(kind, entropy):
     model, feats = model_and_feats(seed=1)
     n = 3
     s = sample_n(model, feats, START, END, n, max_len=7, generator=torch.Generator().manual_seed(0))
@@ -68,15 +76,18 @@ def test_the_scst_gradient_equals_a_plain_reference_implementation(kind):
     rewards = torch.tensor(scores, dtype=torch.float32).view(3, n)
     greedy = torch.tensor([0.5, 1.0, 0.2])
     adv = advantages(rewards, kind, greedy)
-    loss = scst_loss(s, adv)
+    loss = scst_loss(s, adv, entropy)
     params = [p for p in model.parameters()]
     ours = torch.autograd.grad(loss, params, allow_unused=True)
 
-    lp = reference_logprobs(model, feats, s.tokens, n)
+    lp, h = reference_logprobs_and_entropies(model, feats, s.tokens, n)
     torch.testing.assert_close(lp, s.logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(h, s.entropy, atol=1e-5, rtol=0)
     base = greedy[:, None].expand(3, n) if kind == "greedy" else (rewards.sum(1, keepdim=True) - rewards) / (n - 1)
     mask = (s.tokens != 0).float()
     ref_loss = -((rewards - base).reshape(-1, 1) * lp * mask).sum() / mask.sum()
+    if entropy:
+        ref_loss = ref_loss - entropy * (h * mask).sum() / mask.sum()
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
     theirs = torch.autograd.grad(ref_loss, params, allow_unused=True)
     for (name, _), a, b in zip(model.named_parameters(), ours, theirs):

@@ -261,6 +261,8 @@ class ScstConfig(Section):
     baseline: str = setting("mean", choices=("greedy", "mean"))  # greedy caption (Rennie) | mean of the
     #                                                image's other samples (Luo 2020)
     bleu4: float = setting(0.0, 0.0, 100.0)        # reward = CIDEr-D + bleu4 * BLEU-4; 0 = CIDEr-D only
+    entropy: float = setting(0.0, 0.0, 100.0)      # loss -= entropy * mean entropy of the sampled
+    #                                                tokens' distributions (keeps sampling spread); 0 = none
     patience: int = setting(3, 0, 10_000)          # early stop after this many epochs without a better
     #                                                beam-search val CIDEr; 0 = no early stopping
     max_minutes: float = setting(0.0, 0.0)         # stop after the epoch crossing this budget; 0 = none

@@ -166,7 +166,7 @@ class Samples(NamedTuple):
 
     tokens: torch.Tensor   # (M, L) word ids, <end> included where drawn, 0 after it
     logp: torch.Tensor     # (M, L) log-probability of each token under the sampling distribution, 0 after
-    entropy: torch.Tensor  # (M, L) entropy of that distribution at each step (no gradient), 0 after
+    entropy: torch.Tensor  # (M, L) entropy of that distribution at each step (with gradient), 0 after
 
 
 class SharedNoise(NamedTuple):
@@ -220,10 +220,9 @@ def sample_n(model: Captioner, features: torch.Tensor, start: int, end: int, n: 
         norm = torch.log_softmax(logp, -1)                             # (n_t, V) over the allowed words
         tokens.append(words.new_zeros(M).index_copy(0, rows, chosen))
         logps.append(norm.new_zeros(M).index_copy(0, rows, norm.gather(1, chosen[:, None]).squeeze(1)))
-        with torch.no_grad():
-            p = norm.exp()
-            entropy = -(p * norm.masked_fill(p == 0, 0.0)).sum(-1)    # (n_t,)
-            entropies.append(norm.new_zeros(M).index_copy(0, rows, entropy))
+        p = norm.exp()
+        entropy = -(p * norm.masked_fill(p == 0, 0.0)).sum(-1)        # (n_t,)
+        entropies.append(norm.new_zeros(M).index_copy(0, rows, entropy))
     return Samples(torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(entropies, 1))
 
 

@@ -3,7 +3,9 @@
 Rennie et al. 2017 subtract the reward of the image's greedy caption; Luo 2020 ("a better
 variant of self-critical sequence training") the mean reward of the image's other samples. The
 loss is REINFORCE with that baseline, ``-(r - b) log p(caption)``, averaged over the sampled tokens
-as self-critical.pytorch's ``RewardCriterion`` does. Samples come from
+as self-critical.pytorch's ``RewardCriterion`` does, less an optional entropy bonus (the mean
+entropy of the sampling distribution over the same tokens, times ``scst.entropy``) that keeps the
+policy from settling on one phrasing before the reward has told the phrasings apart. Samples come from
 :func:`attncap.decoding.sample_n`, rewards from :class:`attncap.reward.CiderD`.
 """
 
@@ -43,11 +45,14 @@ def advantages(rewards: torch.Tensor, kind: str, greedy: torch.Tensor | None = N
     return (rewards - BASELINES[kind](rewards, greedy)).reshape(-1)
 
 
-def scst_loss(samples: Samples, advantage: torch.Tensor) -> torch.Tensor:
-    """``-advantage * log p`` of every sampled token (``<end>`` included), averaged over the tokens.
+def scst_loss(samples: Samples, advantage: torch.Tensor, entropy: float = 0.0) -> torch.Tensor:
+    """``-advantage * log p - entropy * H`` of every sampled token (``<end>`` included), averaged
+    over the tokens; H is the entropy of the distribution the token was drawn from.
 
     samples: from :func:`attncap.decoding.sample_n`, (M, L); advantage: (M,), no gradient.
     """
     mask = (samples.tokens != 0).to(samples.logp.dtype)              # (M, L)
     weighted = samples.logp * (advantage.detach().to(samples.logp.dtype)[:, None] * mask)
+    if entropy:
+        weighted = weighted + entropy * samples.entropy * mask
     return -weighted.sum() / mask.sum().clamp(min=1)

@@ -47,7 +47,7 @@ from .vocab import Vocab
 
 NAMES = ("scst_latest", "scst_best")
 # Settings a resumed SCST run cannot honour (Adam's state and the epoch plan carry them).
-FIXED_ON_RESUME = ("lr", "batch_size", "samples", "baseline", "bleu4")
+FIXED_ON_RESUME = ("lr", "batch_size", "samples", "baseline", "bleu4", "entropy")
 # Settings a resumed SCST run applies from the next step on (scst.epochs moves only a cosine's end:
 # at a constant lr more epochs are exact).
 CHANGED_ON_RESUME = ("min_lr_ratio", "epochs")
@@ -139,7 +139,7 @@ def scst_step(t: Trainer, split: CaptionSplit, vocab: Vocab, reward: Reward, ind
     mask = samples.tokens != 0                                                     # (B * n, L)
     weight = 1.0 if real else 0.0  # a stand-in share adds nothing
     local_tokens = int(mask.sum()) * weight
-    raw = scst_loss(samples, adv.to(dev))                  # mean over this rank's sampled tokens
+    raw = scst_loss(samples, adv.to(dev), cfg.scst.entropy)  # mean over this rank's sampled tokens
     tokens, *sums = t.dist.sum([local_tokens, float(raw.detach()) * local_tokens,
                                 float(rewards.sum()) * weight,
                                 float((rewards.reshape(-1) - adv).sum()) * weight,
@@ -272,7 +272,8 @@ def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, i
         where = f"; resuming epoch {state.epoch + 1} after batch {state.batch_in_epoch}" if state.step else ""
         print(f"self-critical training from checkpoints/{cfg.scst.init}: {dist.world_size} process(es), "
               f"{cfg.scst.batch_size} images x {cfg.scst.samples} samples per step, baseline "
-              f"{cfg.scst.baseline}, lr {cfg.scst.lr:g}{where}", flush=True)
+              f"{cfg.scst.baseline}, lr {cfg.scst.lr:g}"
+              + (f", entropy bonus {cfg.scst.entropy:g}" if cfg.scst.entropy else "") + where, flush=True)
     log = MetricsLog(run_dir / "scst", state.step) if dist.is_main else None
     bf16 = train_lib.bf16_enabled(cfg.train.precision, dist.device)
     return Trainer(cfg, model, model, optimizer, scheduler, state, dist, stop, log, progress, bf16, NAMES)
