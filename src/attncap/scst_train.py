@@ -143,7 +143,7 @@ def scst_step(t: Trainer, split: CaptionSplit, vocab: Vocab, reward: Reward, ind
     tokens, *sums = t.dist.sum([local_tokens, float(raw.detach()) * local_tokens,
                                 float(rewards.sum()) * weight,
                                 float((rewards.reshape(-1) - adv).sum()) * weight,
-                                float((samples.entropy * mask).sum()) * weight, len(adv) * weight])
+                                float((samples.entropy.detach() * mask).sum()) * weight, len(adv) * weight])
     t.optimizer.zero_grad(set_to_none=True)
     (raw * (local_tokens / max(tokens, 1.0))).backward()   # the global mean over sampled tokens
     _sum_gradients(t.model, t.dist)
