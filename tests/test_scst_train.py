@@ -130,6 +130,8 @@ def test_a_stop_mid_epoch_then_resume_equals_an_uninterrupted_scst_run(trained_r
     monkeypatch.undo()
     with pytest.raises(AttncapError, match="scst.samples 3 -> 4"):
         scst_train(stopped, tiny_config(scst={**SCST, "samples": 4}, train=TRAIN), progress=False)
+    with pytest.raises(AttncapError, match=r"scst.entropy 0(\.0)? -> 0.1"):  # another objective
+        scst_train(stopped, tiny_config(scst={**SCST, "entropy": 0.1}, train=TRAIN), progress=False)
     changed = copy(stopped, tmp_path / "changed")  # a changed schedule is applied, with a note
     capsys.readouterr()
     scst_train(changed, tiny_config(scst={**SCST, "min_lr_ratio": 0.5}, train=TRAIN), progress=False)

@@ -46,7 +46,8 @@ from .train import Trainer
 from .vocab import Vocab
 
 NAMES = ("scst_latest", "scst_best")
-# Settings a resumed SCST run cannot honour (Adam's state and the epoch plan carry them).
+# Settings a resumed SCST run cannot honour (Adam's state and the epoch plan carry them; bleu4 and
+# entropy are the objective it optimises).
 FIXED_ON_RESUME = ("lr", "batch_size", "samples", "baseline", "bleu4", "entropy")
 # Settings a resumed SCST run applies from the next step on (scst.epochs moves only a cosine's end:
 # at a constant lr more epochs are exact).
