@@ -3,6 +3,7 @@ into its own checkpoints and log, resumed exactly, and through `attncap train --
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,38 +66,31 @@ def test_scst_from_the_trained_run_changes_the_weights_and_logs_reward_baseline_
     assert all({"reward", "val_CIDEr", "val_loss", "time_s"} <= r.keys() for r in epochs)
 
 
-@pytest.mark.parametrize("baseline", ["mean", "greedy"])
-def test_scst_steps_on_one_batch_raise_its_reward(trained_run, tmp_path, baseline):
-    """It learns what it is rewarded for: 25 steps on the same 8 images (of the 2-epoch model, which
-    writes near-random captions) raise their sampled captions' mean CIDEr-D by half at least (mean
-    baseline: about 0.21 -> 0.41 over the first and last 5 steps; greedy: 0.21 -> 0.45)."""
-    run = copy(trained_run, tmp_path / "run")
-    cfg = tiny_config(scst={"batch_size": 8, "samples": 5, "lr": 5e-3, "baseline": baseline})
+def steps_on_one_batch(run: Path, scst: dict, steps: int = 25) -> list[dict]:
+    """``steps`` SCST steps on the same 8 training images, from the run's cross-entropy best."""
+    cfg = tiny_config(scst={"batch_size": 8, "samples": 5, "lr": 5e-3, **scst})
     with process_group(None) as dist, StopSignals() as stop:
         vocab, stores, splits = open_splits(run)
         reward = scst_train_lib.build_reward(run, splits["train"], vocab, 0.0, dist)
         t = scst_train_lib._trainer(run, cfg, vocab, stores["train"], len(splits["train"]), False, False,
                                     dist, stop)
-        rewards = [scst_train_lib.scst_step(t, splits["train"], vocab, reward, np.arange(8))["reward"]
-                   for _ in range(25)]
+        return [scst_train_lib.scst_step(t, splits["train"], vocab, reward, np.arange(8)) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("baseline", ["mean", "greedy"])
+def test_scst_steps_on_one_batch_raise_its_reward(trained_run, tmp_path, baseline):
+    """It learns what it is rewarded for: 25 steps on the same 8 images (of the 2-epoch model, which
+    writes near-random captions) raise their sampled captions' mean CIDEr-D by half at least (mean
+    baseline: about 0.21 -> 0.41 over the first and last 5 steps; greedy: 0.21 -> 0.45)."""
+    rewards = [r["reward"] for r in steps_on_one_batch(copy(trained_run, tmp_path / "run"), {"baseline": baseline})]
     assert np.mean(rewards[-5:]) > 1.5 * np.mean(rewards[:5]), np.round(rewards, 3)
 
 
 def test_the_entropy_bonus_keeps_the_sampling_distribution_spread(trained_run, tmp_path):
     """25 steps on the same 8 images narrow the sampling distribution; with ``scst.entropy`` they
     narrow it less (the per-token entropy logged over the last 5 steps stays higher)."""
-    entropies = {}
-    for weight in (0.0, 0.5):
-        run = copy(trained_run, tmp_path / f"run{weight}")
-        cfg = tiny_config(scst={"batch_size": 8, "samples": 5, "lr": 5e-3, "entropy": weight})
-        with process_group(None) as dist, StopSignals() as stop:
-            vocab, stores, splits = open_splits(run)
-            reward = scst_train_lib.build_reward(run, splits["train"], vocab, 0.0, dist)
-            t = scst_train_lib._trainer(run, cfg, vocab, stores["train"], len(splits["train"]), False, False,
-                                        dist, stop)
-            entropies[weight] = [scst_train_lib.scst_step(t, splits["train"], vocab, reward, np.arange(8))
-                                 ["entropy"] for _ in range(25)]
-    plain, bonus = (np.array(entropies[w]) for w in (0.0, 0.5))
+    plain, bonus = (np.array([r["entropy"] for r in steps_on_one_batch(copy(trained_run, tmp_path / f"run{w}"),
+                                                                       {"entropy": w})]) for w in (0.0, 0.5))
     assert plain[0] == pytest.approx(bonus[0])  # the same model and samples at the first step
     assert plain[-5:].mean() < 0.9 * plain[:5].mean(), np.round(plain, 3)  # SCST narrows it (4.07 -> 3.44)
     assert bonus[-5:].mean() > 1.1 * plain[-5:].mean(), (np.round(plain, 3), np.round(bonus, 3))  # 4.09
