@@ -290,3 +290,28 @@ def test_atomic_path_leaves_no_temporary_file_of_a_dead_writer(tmp_path):
         tmp.write_text("{}")
     assert not stale.exists() and live.exists() and target.read_text() == "{}"
     assert recover_folder(tmp_path / "missing") == tmp_path / "missing"
+
+
+def test_the_shapes_world_sweeps_dead_temporaries_once_and_syncs_before_its_manifest(tmp_path, monkeypatch):
+    """Thousands of images are not each fsynced beside a look at their folder (6 of 20 ms an image
+    with 9,000 in it): the world sweeps dead writers' temporaries once, writes its images by
+    rename, makes them durable with one sync, and only then writes the manifest that commits them."""
+    from attncap.data import shapes
+
+    images = tmp_path / "world" / "images"
+    images.mkdir(parents=True)
+    stale = images / f".shapes_000001.jpg{files.TMP_TAG}{os.uname().nodename}-999999999-abc.tmp"
+    stale.write_text("half")
+    live = images / f".other.jpg{files.TMP_TAG}{os.uname().nodename}-{os.getpid()}-def.tmp"
+    live.write_text("being written by a live process")
+    events = []
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
+    monkeypatch.setattr(os, "sync", lambda: events.append("sync"))
+    real_write = shapes.write_json
+    monkeypatch.setattr(shapes, "write_json", lambda path, *a, **k: (events.append(Path(path).name),
+                                                                     real_write(path, *a, **k)))
+    world = shapes.generate_shapes_world(tmp_path / "world", 6, 2, 2, image_size=64, workers=1, progress=False)
+    assert not stale.exists() and live.exists()
+    assert len(list(world.images_dir.glob("*.jpg"))) == 10
+    assert events.index("sync") < events.index("manifest.json")
+    assert events.count("fsync") < 10                  # not one (or two) per image

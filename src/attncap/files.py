@@ -118,14 +118,34 @@ def _temp_prefix(path: Path) -> str:
 
 def _remove_dead_temps(path: Path) -> None:
     """Delete what killed processes of this host left while writing ``path``."""
+    _remove_if_dead(path.parent.glob(f".{glob.escape(path.name)}{TMP_TAG}*"))
+
+
+def remove_dead_temps(folder: str | os.PathLike) -> None:
+    """Delete what killed processes of this host left while writing any file in ``folder``: one
+    look at the folder for a stage that writes many files with ``atomic_path(durable=False)``."""
+    _remove_if_dead(Path(folder).glob(f".*{TMP_TAG}*"))
+
+
+def _remove_if_dead(temporaries: Iterator[Path]) -> None:
     host = socket.gethostname()
-    for stale in path.parent.glob(f".{glob.escape(path.name)}{TMP_TAG}*"):
-        owner = stale.name[len(f".{path.name}{TMP_TAG}"):].rsplit("-", 2)
+    for stale in temporaries:
+        owner = stale.name.rsplit(TMP_TAG, 1)[-1].rsplit("-", 2)
         if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not _alive(int(owner[1])):
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
+
+
+def sync_folder(folder: str | os.PathLike) -> None:
+    """Make every file written in ``folder`` durable at once: one ``sync`` of the system's
+    buffers, where a stage of many small files would otherwise fsync each (its commit follows)."""
+    if hasattr(os, "sync"):
+        os.sync()
+        fsync_dir(folder)
+    else:  # pragma: no cover - not POSIX
+        _fsync_tree(Path(folder))
 
 
 def _alive(pid: int) -> bool:
@@ -139,25 +159,34 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` (durably) only if the block succeeds.
 
     Readers see either the old file or the complete new one, never a partial write. Temporary
     files that killed writers left for ``path`` are removed first.
+
+    ``durable=False`` is for one of many files that a stage commits together (the shapes world's
+    images, committed by its manifest): the rename still makes each file whole or absent, but it
+    is not fsynced on its own and no dead writer's temporaries are looked for beside it (a look at
+    the folder per file, which grows with the folder); the stage calls :func:`remove_dead_temps`
+    once before and :func:`sync_folder` once before its commit.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_temps(path)
+    if durable:
+        _remove_dead_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are ordinary files
     try:
         yield Path(tmp)
-        fsync_file(tmp)
+        if durable:
+            fsync_file(tmp)
         fault_point(f"write {path.name}")
         os.replace(tmp, path)
         fault_point(f"rename {path.name}")
-        fsync_dir(path.parent)
+        if durable:
+            fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..errors import AttncapError
-from ..files import atomic_path, read_json, write_json
+from ..files import atomic_path, read_json, remove_dead_temps, sync_folder, write_json
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {"red": (220, 35, 35), "green": (35, 165, 55), "blue": (35, 75, 225),
@@ -331,7 +331,7 @@ def _make_image(image_id: int, images_dir: Path, image_size: int, seed: int) -> 
     rng = np.random.default_rng([seed, image_id])
     objects = _sample_objects(rng, image_size)
     image = _render(rng, objects, image_size)
-    with atomic_path(images_dir / image_file_name(image_id)) as tmp:
+    with atomic_path(images_dir / image_file_name(image_id), durable=False) as tmp:  # synced at the end
         image.save(tmp, format="JPEG", quality=92)
     return objects, _captions(rng, objects, image_size)
 
@@ -393,7 +393,9 @@ def generate_shapes_world(root: str | Path, n_train: int = 4000, n_val: int = 50
         return world
     (world.root / "manifest.json").unlink(missing_ok=True)  # an interrupted run must not look complete
     world.images_dir.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(world.images_dir)  # once, not per image: the folder holds thousands
     results = _make_all(world, n_train + n_val + n_test, image_size, seed, workers, progress)
+    sync_folder(world.images_dir)        # the images are durable before the manifest says they exist
     _write_annotations(world, results, params)
     write_json(world.root / "manifest.json", manifest)
     return world
