@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder", default="efficientnet_lite0")
     p.add_argument("--no-pretrained", action="store_true", help="random encoder weights")
     p.add_argument("--colour-stats", action="store_true")
+    p.add_argument("--no-head", action="store_true", help="stop before the encoder's head convolution (encoder.head)")
     p.add_argument("--precision", default="auto")
     p.add_argument("--batch-size", type=int, default=EncoderConfig().batch_size)
     p.add_argument("--workers", type=int, default=2)
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     files = sorted(f for f in Path(args.images).iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
     items = [ImageItem(i, str(f)) for i, f in enumerate(files[: args.limit])]
     encoder = build_encoder(args.encoder, pretrained=not args.no_pretrained,
-                            colour_stats=args.colour_stats, precision=args.precision)
+                            colour_stats=args.colour_stats, precision=args.precision, head=not args.no_head)
     with tempfile.TemporaryDirectory() as out:
         cpu, started = cpu_seconds(), time.perf_counter()
         store = extract_features(encoder, items, out, "bench", pretrained=not args.no_pretrained,
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
         nbytes = store.array.nbytes
     # ru_maxrss is in KiB on Linux; children are the JPEG-decoding workers
-    result = {"benchmark": "feature_throughput", "encoder": args.encoder, "precision": encoder.precision,
+    result = {"benchmark": "feature_throughput", "encoder": args.encoder, "dim": encoder.spec.dim,
+              "precision": encoder.precision,
               "images": len(items), "threads": torch.get_num_threads(), "workers": args.workers,
               "seconds": round(seconds, 1), "images_per_s": round(len(items) / seconds, 1),
               "cores_busy": round(cpu / seconds, 2), "bytes_per_image": nbytes // max(1, len(items)),

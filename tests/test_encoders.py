@@ -47,6 +47,22 @@ def test_colour_histogram_finds_the_red_quarter():
     assert hist[:8, 0, 0].max() == 1.0  # red cell: one hue bin holds every pixel
 
 
+@pytest.mark.parametrize("size,grid", [(224, 7), (192, 6), (128, 8), (299, 8)])
+def test_colour_histogram_by_counts_and_table_equals_pooled_one_hots(size, grid, monkeypatch):
+    """The histogram counts (image, cell, bin) triples and reads each pixel's bin from a table of
+    every colour; both give exactly the one-hots' average pool of the formula (the features, and
+    the demo's scores, do not change); uneven cells (299 px) pool the one-hots."""
+    pixels = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8)
+    pixels[0, :, : size // 2] = torch.tensor([230, 20, 20], dtype=torch.uint8).view(3, 1, 1)
+    onehot = torch.nn.functional.one_hot(ColourStats.colour_bins(pixels), ColourStats.BINS)
+    expected = torch.nn.functional.adaptive_avg_pool2d(onehot.permute(0, 3, 1, 2).float(), grid) * ColourStats.SCALE
+    stats = ColourStats(build_encoder("small_cnn"))
+    assert torch.equal(stats.histogram(pixels, grid), expected)               # formula, counted
+    monkeypatch.setattr(ColourStats, "TABLE_AFTER", 0)
+    assert torch.equal(stats.histogram(pixels, grid), expected)               # table, counted
+    assert "cpu" in ColourStats._tables
+
+
 def test_frozen_efficientnet_runs_folded_and_equals_the_package_network():
     """Batch norm folded into the convolutions (attncap.folding) is the same network: outputs
     equal the package's own forward pass to float rounding, for pretrained weights, and weights
@@ -96,3 +112,41 @@ def test_image_size_changes_the_input_and_the_grid_and_bad_sizes_are_refused():
         assert str(err.value).startswith("encoder.image_size must be") and "\n" not in str(err.value)
         with pytest.raises(AttncapError, match=allowed):
             build_encoder(name, pretrained=False, image_size=size)
+
+
+def test_a_headless_efficientnet_gives_its_last_block_folded_or_not_and_others_refuse():
+    """encoder.head = false: EfficientNet-Lite0 stops before its 1x1 head convolution, 320
+    channels (plus the histogram) instead of 1280; the folded copy and the trainable path give the
+    package's last-block output; the head's weights are neither used nor saved; encoders without
+    a head refuse the setting in one line."""
+    from attncap.config import EncoderConfig
+
+    encoder = build_encoder("efficientnet_lite0", colour_stats=True, head=False)
+    assert (encoder.spec.grid, encoder.spec.dim) == (7, 329)
+    assert not any(".net._conv_head." in k or ".net._bn1." in k for k in encoder.state_dict())
+    pixels = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    net = build_encoder("efficientnet_lite0").backbone.net                   # the whole package network
+    x = ((pixels.float() / 255.0 - 127.0 / 255.0) / (128.0 / 255.0)).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        folded = encoder(pixels)[:, :, :320]                                 # (2, 49, 320)
+        unfolded = encoder.inner.backbone._extract(x).flatten(2).transpose(1, 2)
+        y = net._swish(net._bn0(net._conv_stem(x)))
+        for block in net._blocks:
+            y = block(y)
+    reference = y.flatten(2).transpose(1, 2)                                 # (2, 49, 320)
+    assert reference.min() < 0                                               # linear: not clipped like the head's
+    assert (folded - reference).abs().max() <= 1e-4 * reference.abs().max()
+    assert torch.equal(unfolded, reference)
+    with pytest.raises(AttncapError, match="encoder.head must be true with encoder resnet101") as err:
+        EncoderConfig(name="resnet101", head=False)
+    assert "\n" not in str(err.value)
+    with pytest.raises(AttncapError, match="no head convolution"):
+        build_encoder("small_cnn", head=False)
+    from attncap.config import RunConfig
+    from attncap.finetune import check_store, trainable_blocks
+
+    assert len(trainable_blocks(encoder)) == 17                              # stem and 16 blocks, no head
+    cfg = RunConfig()
+    with pytest.raises(AttncapError, match="encoder.head is true but the feature store S was made otherwise"):
+        check_store(cfg, {"head": False}, "S")
+    check_store(cfg, {}, "S")                                                # stores with a head never say so

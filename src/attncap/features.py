@@ -81,8 +81,14 @@ def _encoder_record(encoder: Encoder, pretrained: bool) -> dict:
     return {"name": s.name, "image_size": s.image_size, "grid": s.grid, "dim": s.dim,
             "trainable": s.trainable, "pretrained": pretrained, "precision": encoder.precision,
             "colour_stats": type(encoder).__name__ == "ColourStats",
-            # only when fine-tuning (a pixel store): frozen stores keep the key they always had
-            **({"fine_tune": encoder.fine_tune} if getattr(encoder, "fine_tune", 0) else {})}
+            # only when set: stores made without them keep the key they always had
+            **({"fine_tune": encoder.fine_tune} if getattr(encoder, "fine_tune", 0) else {}),
+            **({} if _has_head(encoder) else {"head": False})}
+
+
+def _has_head(encoder: Encoder) -> bool:
+    trunk = getattr(getattr(encoder, "inner", encoder), "backbone", None)
+    return getattr(trunk, "head", True)
 
 
 def _row_layout(encoder: Encoder) -> tuple[tuple[int, ...], np.dtype]:

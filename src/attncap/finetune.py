@@ -35,7 +35,7 @@ BLOCKS = {
     "inception_v3": lambda trunk: _stem_and(list(trunk.layers)[:7], list(trunk.layers)[7:]),
     "efficientnet_lite0": lambda trunk: _stem_and(
         [trunk.net._conv_stem, trunk.net._bn0],
-        [*trunk.net._blocks, nn.ModuleList([trunk.net._conv_head, trunk.net._bn1])]),
+        [*trunk.net._blocks, *([nn.ModuleList([trunk.net._conv_head, trunk.net._bn1])] if trunk.head else [])]),
 }
 
 
@@ -88,6 +88,9 @@ def check_store(cfg: RunConfig, info: dict, store: str) -> None:
     if cfg.encoder.fine_tune != made:
         raise AttncapError(f"encoder.fine_tune is {cfg.encoder.fine_tune} but the feature store {store} "
                            f"was made with {made}: run `attncap features` with this config first")
+    if cfg.encoder.head != info.get("head", True):
+        raise AttncapError(f"encoder.head is {str(cfg.encoder.head).lower()} but the feature store {store} "
+                           "was made otherwise: run `attncap features` with this config first")
     size = cfg.encoder.image_size
     if size and size != info.get("image_size"):
         raise AttncapError(f"encoder.image_size is {size} but the feature store {store} was made at "

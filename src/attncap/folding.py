@@ -68,22 +68,22 @@ class FoldedBlock(nn.Module):
 
 class FoldedLite(nn.Module):
     """The package's ``EfficientNet.extract_features`` (stem, blocks, head), folded: (B, 3, S, S)
-    normalised images -> (B, 1280, S/32, S/32)."""
+    normalised images -> (B, 1280, S/32, S/32); without the head, the last block's (B, 320, ...)."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, head: bool = True):
         super().__init__()
         self.stem = FoldedConv(net._conv_stem, net._bn0)
         self.blocks = nn.ModuleList(FoldedBlock(b) for b in net._blocks)
-        self.head = FoldedConv(net._conv_head, net._bn1)
+        self.head = FoldedConv(net._conv_head, net._bn1) if head else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for block in self.blocks:
             x = block(x)
-        return self.head(x)
+        return self.head(x) if self.head is not None else x
 
 
 @torch.no_grad()
-def fold_lite(net: nn.Module) -> FoldedLite:
+def fold_lite(net: nn.Module, head: bool = True) -> FoldedLite:
     """A folded copy of an EfficientNet-Lite network in eval mode, on its device, channels-last."""
-    return FoldedLite(net).eval().to(memory_format=torch.channels_last)
+    return FoldedLite(net, head).eval().to(memory_format=torch.channels_last)

@@ -75,7 +75,8 @@ def features_stage(run_dir: str | Path, cfg: RunConfig, progress: bool = True,
         torch.set_num_threads(e.threads or threads_per_process(dist.local_world_size))
         precision = dist.broadcast(pinned_precision(run_dir / "features", e.precision) if dist.is_main else None)
         encoder = build_encoder(e.name, e.pretrained, e.colour_stats, allow_download, precision,
-                                str(dist.device), fine_tune_blocks=e.fine_tune, image_size=e.image_size)
+                                str(dist.device), fine_tune_blocks=e.fine_tune, image_size=e.image_size,
+                                head=e.head)
         for split in SPLITS:
             extract_features(encoder, items[split], run_dir / "features", split, e.pretrained, e.batch_size,
                              e.workers, progress and dist.is_main, requested_precision=e.precision, dist=dist)

@@ -145,7 +145,8 @@ def _frozen_encoder(folder: Path, info: dict, device: torch.device) -> Encoder:
     encoder = build_encoder(info["name"], pretrained=info["pretrained"] and not shipped,
                             colour_stats=info.get("colour_stats", False), allow_download=not shipped,
                             precision=info.get("precision", "fp32"), device=device.type,
-                            blocks=info.get("blocks"), image_size=info.get("image_size", 0))
+                            blocks=info.get("blocks"), image_size=info.get("image_size", 0),
+                            head=info.get("head", True))
     if shipped:
         try:
             encoder.load_state_dict(load_file(str(weights), device=device.type))

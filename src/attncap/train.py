@@ -190,7 +190,7 @@ def build_model(cfg: RunConfig, vocab: Vocab, store: FeatureStore, device) -> Ca
         blocks = info.get("fine_tune", 0)
         encoder = build_encoder(info["name"], pretrained=bool(blocks) and info["pretrained"],
                                 colour_stats=info["colour_stats"], fine_tune_blocks=blocks,
-                                image_size=info.get("image_size", 0))
+                                image_size=info.get("image_size", 0), head=info.get("head", True))
         if blocks:  # a fine-tuned encoder follows train.precision (small_cnn runs in float32)
             encoder.precision = "bf16" if bf16_enabled(cfg.train.precision, torch.device(device)) else "fp32"
     dim = info["dim"]
