@@ -63,6 +63,20 @@ def test_colour_histogram_by_counts_and_table_equals_pooled_one_hots(size, grid,
     assert "cpu" in ColourStats._tables
 
 
+def test_an_exported_histogram_pools_one_hots_with_no_table_and_gives_the_same_shares():
+    """torch.export (what the ONNX export runs) takes the one-hot path: no 2**24 table in the graph."""
+    stats = ColourStats(build_encoder("small_cnn")).eval()
+    pixels = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
+
+    class Histogram(torch.nn.Module):
+        def forward(self, x):
+            return stats.histogram(x, 8)
+
+    program = torch.export.export(Histogram(), (pixels,))
+    assert not any("bincount" in str(node.target) for node in program.graph.nodes)
+    assert torch.equal(program.module()(pixels), stats.histogram(pixels, 8))
+
+
 def test_frozen_efficientnet_runs_folded_and_equals_the_package_network():
     """Batch norm folded into the convolutions (attncap.folding) is the same network: outputs
     equal the package's own forward pass to float rounding, for pretrained weights, and weights

@@ -316,8 +316,9 @@ class ColourStats(Encoder):
         """uint8 (B, 3, S, S) -> each cell's share of pixels per bin, times SCALE: (B, 9, g, g)."""
         B, _, S, _ = images.shape
         cell = S // grid
-        if S % grid or cell & (cell - 1) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            # uneven or non-power-of-two cells (inception's 299 px), or a traced graph: pool one-hots
+        if S % grid or cell & (cell - 1) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            # uneven or non-power-of-two cells (inception's 299 px), or a traced or exported graph
+            # (ONNX: no 16 MiB table in it): pool one-hots
             onehot = nn.functional.one_hot(self.colour_bins(images), self.BINS).permute(0, 3, 1, 2).float()
             return nn.functional.adaptive_avg_pool2d(onehot, grid) * self.SCALE  # (B, 9, g, g)
         # Count (image, cell, bin) triples: the same shares as pooling the one-hots (a count over a
