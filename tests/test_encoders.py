@@ -2,6 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
+from attncap import colour_histogram
 from attncap.encoders import ColourStats, build_encoder
 from attncap.errors import AttncapError
 
@@ -54,13 +55,24 @@ def test_colour_histogram_by_counts_and_table_equals_pooled_one_hots(size, grid,
     the demo's scores, do not change); uneven cells (299 px) pool the one-hots."""
     pixels = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8)
     pixels[0, :, : size // 2] = torch.tensor([230, 20, 20], dtype=torch.uint8).view(3, 1, 1)
-    onehot = torch.nn.functional.one_hot(ColourStats.colour_bins(pixels), ColourStats.BINS)
+    onehot = torch.nn.functional.one_hot(colour_histogram.colour_bins(pixels), ColourStats.BINS)
     expected = torch.nn.functional.adaptive_avg_pool2d(onehot.permute(0, 3, 1, 2).float(), grid) * ColourStats.SCALE
     stats = ColourStats(build_encoder("small_cnn"))
     assert torch.equal(stats.histogram(pixels, grid), expected)               # formula, counted
-    monkeypatch.setattr(ColourStats, "TABLE_AFTER", 0)
+    monkeypatch.setattr(colour_histogram, "TABLE_AFTER", 0)
     assert torch.equal(stats.histogram(pixels, grid), expected)               # table, counted
-    assert "cpu" in ColourStats._tables
+    assert "cpu" in colour_histogram._tables
+
+
+def test_the_colour_table_holds_the_formulas_bin_for_every_colour():
+    """All 2**24 colours, binned as images of another shape (other vector and tail splits than
+    the table's own chunks), give the table's bins."""
+    table = colour_histogram.colour_table()
+    code = torch.arange(1 << 24, dtype=torch.int32)
+    rgb = torch.stack([code >> 16, (code >> 8) & 255, code & 255]).to(torch.uint8)  # (3, 2**24)
+    for lo in range(0, 1 << 24, 1 << 21):
+        part = rgb[:, lo:lo + (1 << 21)].reshape(3, 1 << 11, 1 << 10)           # a 2048 x 1024 image
+        assert torch.equal(colour_histogram.colour_bins(part).flatten(), table[lo:lo + (1 << 21)].long())
 
 
 def test_an_exported_histogram_pools_one_hots_with_no_table_and_gives_the_same_shares():

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import finetune, folding
+from . import colour_histogram, finetune, folding
 from .config import ENCODER_STRIDES, HEADLESS_DIMS
 from .errors import AttncapError
 
@@ -299,7 +299,7 @@ class ColourStats(Encoder):
     cell, the share of its pixels in each of 8 saturated hue bins plus one unsaturated bin.
     """
 
-    BINS = 9
+    BINS = colour_histogram.BINS
     SCALE = 16.0  # weights colour against 1280 CNN channels; 4, 8 and 16 measured in docs/design.md
 
     def __init__(self, inner: Encoder):
@@ -314,57 +314,7 @@ class ColourStats(Encoder):
 
     def histogram(self, images: torch.Tensor, grid: int) -> torch.Tensor:
         """uint8 (B, 3, S, S) -> each cell's share of pixels per bin, times SCALE: (B, 9, g, g)."""
-        B, _, S, _ = images.shape
-        cell = S // grid
-        if S % grid or cell & (cell - 1) or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            # uneven or non-power-of-two cells (inception's 299 px), or a traced or exported graph
-            # (ONNX: no 16 MiB table in it): pool one-hots
-            onehot = nn.functional.one_hot(self.colour_bins(images), self.BINS).permute(0, 3, 1, 2).float()
-            return nn.functional.adaptive_avg_pool2d(onehot, grid) * self.SCALE  # (B, 9, g, g)
-        # Count (image, cell, bin) triples: the same shares as pooling the one-hots (a count over a
-        # power-of-two number of pixels divides exactly), several times faster (docs/performance.md).
-        bins = self._bins_of(images)                                       # (B, S, S)
-        cells = (torch.arange(S, device=images.device) // cell)            # (S,)
-        key = (cells[:, None] * grid + cells[None, :]) * self.BINS         # (S, S)
-        key = key + (torch.arange(B, device=images.device) * (grid * grid * self.BINS)).view(B, 1, 1)
-        counts = torch.bincount((key + bins).flatten(), minlength=B * grid * grid * self.BINS)
-        shares = counts.view(B, grid, grid, self.BINS).permute(0, 3, 1, 2).float() / (cell * cell)
-        return shares * self.SCALE                                         # (B, 9, g, g)
-
-    @classmethod
-    def colour_bins(cls, images: torch.Tensor) -> torch.Tensor:
-        """Each pixel's bin: 0-7 by hue where saturated, 8 otherwise. uint8 (..., 3, H, W) -> (..., H, W)."""
-        x = images.float() / 255.0                                         # (B, 3, S, S)
-        top, _ = x.max(-3)
-        low, _ = x.min(-3)
-        chroma = top - low
-        saturated = (chroma > 0.25) & (top > 0.2)                          # (B, S, S)
-        r, g, b = x.unbind(-3)
-        hue = torch.atan2(1.7320508 * (g - b), 2 * r - g - b)              # (-pi, pi]
-        hue_bin = ((hue + np.pi) / (2 * np.pi) * 8).long().clamp(0, 7)
-        return torch.where(saturated, hue_bin, torch.full_like(hue_bin, 8))
-
-    _tables: dict[str, torch.Tensor] = {}  # device -> the bin of every 24-bit colour (16 MiB)
-    TABLE_AFTER = 8 * 224 * 224            # pixels in a batch that make building the table pay
-
-    def _bins_of(self, images: torch.Tensor) -> torch.Tensor:
-        """:meth:`colour_bins` by table lookup (built once per process and device from the same
-        formula, so the same bins) for batches large enough to pay for building it (about 1 s)."""
-        device = str(images.device)
-        if device not in self._tables and images[:, 0].numel() < self.TABLE_AFTER:
-            return self.colour_bins(images)
-        if device not in self._tables:
-            self._tables[device] = self.colour_table(images.device)
-        rgb = images.int()
-        return self._tables[device][(rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]].long()
-
-    @classmethod
-    def colour_table(cls, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The bin of every colour ``(r << 16) | (g << 8) | b``: uint8 (2**24,)."""
-        code = torch.arange(1 << 24, device=device, dtype=torch.int32)
-        rgb = torch.stack([code >> 16, (code >> 8) & 255, code & 255]).to(torch.uint8)  # (3, 2**24)
-        return torch.cat([cls.colour_bins(part.unsqueeze(-1)).flatten()
-                          for part in rgb.split(1 << 20, 1)]).to(torch.uint8)
+        return colour_histogram.shares(images, grid) * self.SCALE
 
 
 ENCODERS: dict[str, Callable[..., Encoder]] = {
