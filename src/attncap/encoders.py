@@ -34,6 +34,7 @@ class EncoderSpec:
     grid: int         # output grid side (R = grid * grid regions)
     dim: int          # region vector size
     trainable: bool   # True: trained with the decoder (store holds pixels)
+    head: bool = True  # False: stopped before its 1x1 head convolution (encoder.head)
 
 
 def to_pixels(image: Image.Image, size: int) -> torch.Tensor:
@@ -266,7 +267,7 @@ def efficientnet_lite0(pretrained: bool = True, allow_download: bool = True, hea
         state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
     spec = EncoderSpec("efficientnet_lite0", 224, 7, 1280 if head else HEADLESS_DIMS["efficientnet_lite0"],
-                       trainable=False)
+                       trainable=False, head=head)
     return _Normalised(spec, _EfficientNetTrunk(net, head), mean=127.0 / 255.0, std=128.0 / 255.0)
 
 
@@ -304,8 +305,7 @@ class ColourStats(Encoder):
 
     def __init__(self, inner: Encoder):
         spec = inner.spec
-        super().__init__(EncoderSpec(spec.name, spec.image_size, spec.grid, spec.dim + self.BINS,
-                                     spec.trainable))
+        super().__init__(dataclasses.replace(spec, dim=spec.dim + self.BINS))
         self.inner = inner
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -83,12 +83,7 @@ def _encoder_record(encoder: Encoder, pretrained: bool) -> dict:
             "colour_stats": type(encoder).__name__ == "ColourStats",
             # only when set: stores made without them keep the key they always had
             **({"fine_tune": encoder.fine_tune} if getattr(encoder, "fine_tune", 0) else {}),
-            **({} if _has_head(encoder) else {"head": False})}
-
-
-def _has_head(encoder: Encoder) -> bool:
-    trunk = getattr(getattr(encoder, "inner", encoder), "backbone", None)
-    return getattr(trunk, "head", True)
+            **({} if s.head else {"head": False})}
 
 
 def _row_layout(encoder: Encoder) -> tuple[tuple[int, ...], np.dtype]:
