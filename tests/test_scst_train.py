@@ -148,12 +148,13 @@ def test_scst_without_a_cross_entropy_checkpoint_is_a_one_line_error(run_copy, c
 
 def test_two_processes_take_the_one_process_scst_steps(trained_run, tmp_path):
     """torchrun with 2 gloo processes: uneven shares (24 + 23 images) and a stand-in (a batch of 1),
-    both baselines' pieces on each rank's own samples, the same weights and records as 1 process."""
+    both baselines' pieces on each rank's own samples, the same weights (here a weight average,
+    which every rank keeps) and records as 1 process."""
     import os
     import subprocess
     import sys
 
-    scst = {**SCST, "batch_size": 47}  # 48 images: batches of 47 and 1, 2 epochs, 4 steps
+    scst = {**SCST, "batch_size": 47, "ema": 0.5}  # 48 images: batches of 47 and 1, 2 epochs, 4 steps
     one, two = copy(trained_run, tmp_path / "one"), copy(trained_run, tmp_path / "two")
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}
     args = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
@@ -180,3 +181,54 @@ def test_two_processes_take_the_one_process_scst_steps(trained_run, tmp_path):
         assert x.keys() == y.keys()
         for k in x.keys() - {"time_s"}:
             assert abs(x[k] - y[k]) <= 2e-5, (k, x, y)
+
+
+def test_a_weight_average_is_what_validation_scores_and_checkpoints_hold_and_it_resumes_exactly(
+        trained_run, tmp_path, monkeypatch):
+    """scst.ema: the checkpoints hold the moving average of the live weights after each step (made
+    here by hand), validation scored it, and a stop mid-epoch resumes average and live weights."""
+    from attncap.checkpoint import load_model, load_state
+    from attncap.train import evaluate
+
+    scst = {**SCST, "ema": 0.6}
+    cfg = tiny_config(scst=scst, train=TRAIN)
+    straight, stopped = copy(trained_run, tmp_path / "straight"), copy(trained_run, tmp_path / "stopped")
+    live, real = [], scst_train_lib.scst_step
+
+    def recording(t, *args):
+        out = real(t, *args)
+        live.append({k: v.detach().clone() for k, v in t.model.state_dict().items()})
+        return out
+    monkeypatch.setattr(scst_train_lib, "scst_step", recording)
+    scst_train(straight, cfg, progress=False)
+    monkeypatch.undo()
+    assert len(live) == 12
+    average = dict(live[0])  # the weights after the first step, then 0.6 x average + 0.4 x weights
+    for w in live[1:]:
+        average = {k: 0.6 * average[k] + 0.4 * w[k] for k in average}
+    saved = weights(straight, "scst_latest")
+    for k in saved:
+        torch.testing.assert_close(saved[k], average[k], atol=1e-6, rtol=0)
+    assert max(float((saved[k] - live[-1][k]).abs().max()) for k in saved) > 1e-4  # not the live weights
+    state = load_state(straight / "checkpoints" / "scst_latest")
+    assert state["averaged_steps"] == 12
+    assert all(torch.equal(state["live_weights"][k], live[-1][k]) for k in saved)
+
+    best = max((r for r in records(straight) if "epoch" in r), key=lambda r: r["val_CIDEr"])
+    model, vocab, _, _ = load_model(straight / "checkpoints" / "scst_best")
+    _, _, splits = open_splits(straight)
+    score = evaluate(model, splits["val"], vocab, cfg, torch.device("cpu"), cfg.decode.beam_size)["val_CIDEr"]
+    assert score == pytest.approx(best["val_CIDEr"], abs=1e-5)  # validation scored the average
+
+    stop_at(monkeypatch, 8)
+    assert scst_train(stopped, cfg, progress=False).step == 8
+    monkeypatch.undo()
+    with pytest.raises(AttncapError, match="scst.ema 0.6 -> 0.9"):  # other weights than it scored
+        scst_train(stopped, tiny_config(scst={**scst, "ema": 0.9}, train=TRAIN), progress=False)
+    scst_train(stopped, cfg, progress=False)
+    resumed = weights(stopped, "scst_latest")
+    for k in saved:
+        torch.testing.assert_close(resumed[k], saved[k], atol=1e-6, rtol=0)
+    resumed_live = load_state(stopped / "checkpoints" / "scst_latest")["live_weights"]
+    for k in saved:
+        torch.testing.assert_close(resumed_live[k], live[-1][k], atol=1e-6, rtol=0)

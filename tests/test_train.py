@@ -159,3 +159,52 @@ def test_logged_train_loss_is_the_cross_entropy_and_the_penalty_is_logged_beside
     assert "train_penalty" not in off[0] and on[0]["train_penalty"] > 1.0  # eq. 14: summed over 49 regions
     epoch = on[-1]  # train and val loss are one quantity (cross-entropy), the penalty is apart
     assert abs(epoch["train_loss"] - epoch["val_loss"]) < 0.5 and epoch["train_penalty"] > 5.0
+
+
+def test_a_weight_average_is_validated_checkpointed_and_resumed_exactly(prepared_run, tmp_path, monkeypatch):
+    """train.ema: the checkpoints hold the moving average of the live weights after each step (made
+    here by hand), validation scored it, and a resumed run continues average and live weights."""
+    import attncap.train as train_lib
+    from attncap.train import evaluate, open_splits
+
+    cfg = tiny_config(train={"epochs": 3, "ema": 0.7})
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for d in (straight, split):
+        shutil.copytree(prepared_run, d)
+    live, real = [], train_lib.train_step
+
+    def recording(t, loaded):
+        out = real(t, loaded)
+        live.append({k: v.detach().clone() for k, v in t.model.state_dict().items()})
+        return out
+    monkeypatch.setattr(train_lib, "train_step", recording)
+    train(straight, cfg, progress=False)
+    monkeypatch.undo()
+    average = dict(live[0])  # the weights after the first step, then 0.7 x average + 0.3 x weights
+    for w in live[1:]:
+        average = {k: 0.7 * average[k] + 0.3 * w[k] for k in average}
+    saved = weights(straight)
+    for k in saved:
+        torch.testing.assert_close(saved[k], average[k], atol=1e-6, rtol=0)
+    assert max(float((saved[k] - live[-1][k]).abs().max()) for k in saved) > 1e-4  # not the live weights
+    state = load_state(straight / "checkpoints" / "latest")
+    assert state["averaged_steps"] == len(live)
+    assert all(torch.equal(state["live_weights"][k], live[-1][k]) for k in saved)
+
+    logged = lambda run: [json.loads(l) for l in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    best = max((r for r in logged(straight) if "epoch" in r), key=lambda r: r["val_CIDEr"])
+    model, vocab, _, _ = load_model(straight / "checkpoints" / "best")
+    _, _, splits = open_splits(straight)
+    score = evaluate(model, splits["val"], vocab, cfg, torch.device("cpu"))["val_CIDEr"]
+    assert score == pytest.approx(best["val_CIDEr"], abs=1e-5)  # validation scored the average
+
+    train(split, tiny_config(train={"epochs": 3, "ema": 0.7, "max_minutes": 1e-9}), progress=False)
+    with pytest.raises(AttncapError, match="train.ema 0.7 -> 0.9"):  # other weights than it scored
+        train(split, tiny_config(train={"epochs": 3, "ema": 0.9}), progress=False)
+    train(split, cfg, progress=False)
+    resumed, resumed_live = weights(split), load_state(split / "checkpoints" / "latest")["live_weights"]
+    for k in saved:
+        torch.testing.assert_close(resumed[k], saved[k], atol=1e-6, rtol=0)
+        torch.testing.assert_close(resumed_live[k], live[-1][k], atol=1e-6, rtol=0)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "time_s"} for r in rs]
+    assert strip(logged(straight)) == strip(logged(split))

@@ -232,6 +232,8 @@ class TrainConfig(Section):
     ss_every: int = setting(5, 1, 10_000)        # epochs between rises of the sampling probability
     ss_step: float = setting(0.05, 0.0, 1.0)     # the probability at ss_start, and each rise
     ss_max: float = setting(0.25, 0.0, 1.0)      # the probability at most
+    ema: float = setting(0.0, 0.0, below=1.0)    # decay of a moving average of the weights, which
+    #                                                validation and checkpoints use; 0 = none (averaging.py)
 
 
 @dataclass(frozen=True)
@@ -273,6 +275,8 @@ class ScstConfig(Section):
     patience: int = setting(3, 0, 10_000)          # early stop after this many epochs without a better
     #                                                beam-search val CIDEr; 0 = no early stopping
     max_minutes: float = setting(0.0, 0.0)         # stop after the epoch crossing this budget; 0 = none
+    ema: float = setting(0.0, 0.0, below=1.0)      # decay of a moving average of the weights, which
+    #                                                validation and checkpoints use; 0 = none (averaging.py)
 
     def relations(self) -> Iterator[tuple[str, bool, str]]:
         yield "samples", self.baseline != "mean" or self.samples >= 2, ">= 2 with scst.baseline \"mean\""

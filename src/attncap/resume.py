@@ -137,9 +137,10 @@ def restore(ckpt: Path, model, optimizer, scheduler, cfg: RunConfig, dist: Dist,
 
 
 # Settings a resumed run cannot honour: the optimizer state restored from the checkpoint carries
-# the old lr, encoder lr and weight decay, and the saved position points into the old epoch plan.
+# the old lr, encoder lr and weight decay, the saved position points into the old epoch plan, and
+# the checkpoint's model file holds the weight average of the old decay (ema).
 FIXED_ON_RESUME = ("lr", "encoder_lr", "weight_decay", "batch_size", "captions_per_image",
-                   "group_captions", "seed")
+                   "group_captions", "seed", "ema")
 # Encoder settings likewise: encoder.fine_tune decides which weights the model and Adam hold.
 FIXED_ENCODER_ON_RESUME = ("fine_tune",)
 # Settings a resumed run applies from the next step on: the run is no longer the uninterrupted one.

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from . import config as config_lib
 from . import train as train_lib
-from .checkpoint import load_model
+from .averaging import restore_average, weight_average
+from .checkpoint import load_model, load_state
 from .config import RunConfig
 from .dataset import CaptionSplit
 from .decoding import SharedNoise, greedy, options as decode_options, sample_n
@@ -47,8 +48,8 @@ from .vocab import Vocab
 
 NAMES = ("scst_latest", "scst_best")
 # Settings a resumed SCST run cannot honour (Adam's state and the epoch plan carry them; bleu4 and
-# entropy are the objective it optimises).
-FIXED_ON_RESUME = ("lr", "batch_size", "samples", "baseline", "bleu4", "entropy")
+# entropy are the objective it optimises; ema, the weights it scores).
+FIXED_ON_RESUME = ("lr", "batch_size", "samples", "baseline", "bleu4", "entropy", "ema")
 # Settings a resumed SCST run applies from the next step on (scst.epochs moves only a cosine's end:
 # at a constant lr more epochs are exact).
 CHANGED_ON_RESUME = ("min_lr_ratio", "epochs")
@@ -151,6 +152,8 @@ def scst_step(t: Trainer, split: CaptionSplit, vocab: Vocab, reward: Reward, ind
     if cfg.train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.train.grad_clip)
     t.optimizer.step()
+    if t.average is not None:
+        t.average.update_parameters(t.model)
     t.scheduler.step()
     t.state.step += 1
     loss, reward_sum, baseline_sum, entropy_sum, count = sums
@@ -214,7 +217,7 @@ def _end_epoch(t: Trainer, val_split: CaptionSplit, vocab: Vocab, mean_reward: f
     """Rank 0 validates with beam search, keeps the best score and logs; every rank takes its state."""
     s, cfg, improved = t.state, t.cfg, False
     if t.dist.is_main:
-        scores = train_lib.evaluate(t.model, val_split, vocab, cfg, t.dist.device, cfg.decode.beam_size)
+        scores = train_lib.evaluate(t.scored, val_split, vocab, cfg, t.dist.device, cfg.decode.beam_size)
         improved = s.record_score(scores["val_CIDEr"])
         s.seconds += time.time() - started
         s.stopped = _stop_reason(cfg, s) if s.epoch < cfg.scst.epochs else ""
@@ -250,7 +253,8 @@ def _start_from(path: Path, model: torch.nn.Module) -> None:
 def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, images: int, resume: bool,
              progress: bool, dist: Dist, stop: StopSignals) -> Trainer:
     """Model and Adam at ``scst.lr`` (constant, or a cosine down to ``lr * scst.min_lr_ratio`` over
-    ``scst.epochs``): restored from ``scst_latest``, or the cross-entropy checkpoint."""
+    ``scst.epochs``) and the weight average (``scst.ema``): restored from ``scst_latest``, or the
+    cross-entropy checkpoint."""
     model = train_lib.build_model(cfg, vocab, store, dist.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.scst.lr, weight_decay=cfg.train.weight_decay,
                                  fused=True)  # one pass per parameter, as in train.py
@@ -264,8 +268,11 @@ def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, i
         cosine = min(saved.get("min_lr_ratio", 1.0), cfg.scst.min_lr_ratio) < 1
         state = restore(latest, model, optimizer, scheduler, cfg, dist, fixed=(("scst", FIXED_ON_RESUME),),
                         applied=(("scst", CHANGED_ON_RESUME if cosine else ()),))
+        average = weight_average(model, cfg.scst.ema)  # from the checkpoint's model file: the average
+        restore_average(average, model, load_state(latest))
     else:
         _start_from(recover_folder(folder / cfg.scst.init), model)
+        average = weight_average(model, cfg.scst.ema)
         state = TrainState()
         seed_rank(cfg, dist)
     if dist.is_main:
@@ -274,10 +281,11 @@ def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, i
         print(f"self-critical training from checkpoints/{cfg.scst.init}: {dist.world_size} process(es), "
               f"{cfg.scst.batch_size} images x {cfg.scst.samples} samples per step, baseline "
               f"{cfg.scst.baseline}, lr {cfg.scst.lr:g}"
-              + (f", entropy bonus {cfg.scst.entropy:g}" if cfg.scst.entropy else "") + where, flush=True)
+              + (f", entropy bonus {cfg.scst.entropy:g}" if cfg.scst.entropy else "")
+              + (f", weight average (decay {cfg.scst.ema:g})" if average is not None else "") + where, flush=True)
     log = MetricsLog(run_dir / "scst", state.step) if dist.is_main else None
     bf16 = train_lib.bf16_enabled(cfg.train.precision, dist.device)
-    return Trainer(cfg, model, model, optimizer, scheduler, state, dist, stop, log, progress, bf16, NAMES)
+    return Trainer(cfg, model, model, optimizer, scheduler, state, dist, stop, log, progress, bf16, NAMES, average)
 
 
 def scst_train(run_dir: str | Path, cfg: RunConfig, resume: bool = True, progress: bool = True,

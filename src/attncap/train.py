@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from . import config as config_lib
 from . import metrics
-from .checkpoint import save_checkpoint
+from .averaging import average_state, restore_average, weight_average
+from .checkpoint import load_state, save_checkpoint
 from .config import RunConfig, TrainConfig
 from .dataset import CaptionSplit, prefetch
 from .decoding import decode_split, options as decode_options
@@ -49,7 +51,7 @@ class Trainer:
     """What one training process holds; the phases below read and update it."""
 
     cfg: RunConfig
-    model: Captioner               # the bare model: evaluation and checkpoints
+    model: Captioner               # the bare model (its weights, or their average: `scored`, below)
     net: torch.nn.Module           # what the training step runs: the model, or its DDP wrapper
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -60,6 +62,12 @@ class Trainer:
     progress: bool
     bf16: bool                     # bf16 autocast for the training step (train.precision)
     names: tuple[str, str] = ("latest", "best")  # its checkpoint folders (SCST: scst_latest, scst_best)
+    average: AveragedModel | None = None  # a moving average of the weights (train.ema, scst.ema): averaging.py
+
+    @property
+    def scored(self) -> Captioner:
+        """The weights validation scores and checkpoints hold: the average when there is one."""
+        return self.model if self.average is None else self.average.module
 
 
 def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
@@ -114,6 +122,8 @@ def train_step(t: Trainer, loaded: tuple) -> tuple[float, float, int] | None:
     if t.cfg.train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.train.grad_clip)
     t.optimizer.step()
+    if t.average is not None:
+        t.average.update_parameters(t.model)
     t.scheduler.step()
     t.state.step += 1
     ce, penalty = t.dist.sum((torch.stack([terms.ce, terms.penalty]).detach().float() * weight).tolist())
@@ -250,7 +260,10 @@ def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, t
     recover_folder(run_dir / "checkpoints" / "best")
     if resume and (latest / "state.pt").is_file():
         state = restore(latest, model, optimizer, scheduler, cfg, dist)
+        average = weight_average(model, cfg.train.ema)  # from the checkpoint's model file: the average
+        restore_average(average, model, load_state(latest))
     else:
+        average = weight_average(model, cfg.train.ema)
         state = TrainState()
         seed_rank(cfg, dist)
         if resume and dist.is_main and read_jsonl(run_dir / "train" / "metrics.jsonl"):
@@ -266,9 +279,11 @@ def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, t
               + (f"encoder lr {cfg.train.encoder_lr:g} (encoder.fine_tune {cfg.encoder.fine_tune}), "
                  if fine_tuned(model) else "") +
               f"{'bf16 autocast' if bf16 else 'float32'}, "
+              + (f"weight average (decay {cfg.train.ema:g}), " if average is not None else "") +
               f"{per_epoch} steps per epoch{where}", flush=True)
     log = MetricsLog(run_dir / "train", state.step) if dist.is_main else None
-    return Trainer(cfg, model, dist.wrap(model), optimizer, scheduler, state, dist, stop, log, progress, bf16)
+    return Trainer(cfg, model, dist.wrap(model), optimizer, scheduler, state, dist, stop, log, progress, bf16,
+                   average=average)
 
 
 def bf16_enabled(precision: str, device: torch.device) -> bool:
@@ -308,7 +323,7 @@ def _end_epoch(t: Trainer, val_split: CaptionSplit, vocab: Vocab, losses: tuple[
     s, cfg, improved = t.state, t.cfg, False
     (train_loss, penalty), sample_prob = losses, sample_probability(cfg.train, s.epoch)
     if t.dist.is_main:
-        scores = evaluate(t.model, val_split, vocab, cfg, t.dist.device)
+        scores = evaluate(t.scored, val_split, vocab, cfg, t.dist.device)
         improved = s.record_score(scores["val_CIDEr"])
         s.seconds += time.time() - started
         s.stopped = _stop_reason(cfg, s) if s.epoch < cfg.train.epochs else ""
@@ -345,14 +360,15 @@ def _stop_reason(cfg: RunConfig, state: TrainState) -> str:
 
 
 def write_checkpoints(t: Trainer, run_dir: Path, vocab: Vocab, encoder_info: dict, improved: bool) -> None:
-    """Rank 0 writes ``latest`` (and ``best``) with every rank's RNG state; the others wait for it."""
+    """Rank 0 writes ``latest`` (and ``best``) with every rank's RNG state; the others wait for it.
+    With a weight average the model files hold the average, ``state.pt`` the live weights."""
     rng = t.dist.gather(rng_state(t.dist.device))
     if t.dist.is_main:
         state = {k: v for k, v in dataclasses.asdict(t.state).items() if k != "preempted"}
         saved = {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
-                 "rng": rng, "train_state": json.dumps(state)}
+                 "rng": rng, "train_state": json.dumps(state), **average_state(t.average, t.model)}
         folder, (latest, best) = run_dir / "checkpoints", t.names
         if improved:  # before latest, the commit: a kill in between replays the epoch, best again
-            save_checkpoint(folder / best, t.model, vocab, t.cfg, encoder_info)
-        save_checkpoint(folder / latest, t.model, vocab, t.cfg, encoder_info, saved)
+            save_checkpoint(folder / best, t.scored, vocab, t.cfg, encoder_info)
+        save_checkpoint(folder / latest, t.scored, vocab, t.cfg, encoder_info, saved)
     t.dist.barrier()
