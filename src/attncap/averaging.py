@@ -1,7 +1,7 @@
 """An exponential moving average of the weights (Polyak averaging), for the training phases.
 
-With a decay ``d`` > 0 (``train.ema``, ``scst.ema``) the average starts as the weights after the first step and
-then follows ``avg = d * avg + (1 - d) * weights`` after every step (torch's
+With a decay ``d`` > 0 (``train.ema``, ``scst.ema``) the average starts as the weights after the
+first step and then follows ``avg = d * avg + (1 - d) * weights`` after every step (torch's
 :class:`~torch.optim.swa_utils.AveragedModel` with its EMA update). Validation, early stopping and
 both checkpoints' ``model.safetensors`` use the average: it is what ``evaluate``, ``caption``,
 ``serve`` and ``export`` read. The weights the optimizer steps ("live") travel in ``state.pt`` of

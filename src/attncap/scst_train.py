@@ -282,10 +282,12 @@ def _trainer(run_dir: Path, cfg: RunConfig, vocab: Vocab, store: FeatureStore, i
               f"{cfg.scst.batch_size} images x {cfg.scst.samples} samples per step, baseline "
               f"{cfg.scst.baseline}, lr {cfg.scst.lr:g}"
               + (f", entropy bonus {cfg.scst.entropy:g}" if cfg.scst.entropy else "")
-              + (f", weight average (decay {cfg.scst.ema:g})" if average is not None else "") + where, flush=True)
+              + (f", weight average (decay {cfg.scst.ema:g})" if average is not None else "")
+              + where, flush=True)
     log = MetricsLog(run_dir / "scst", state.step) if dist.is_main else None
     bf16 = train_lib.bf16_enabled(cfg.train.precision, dist.device)
-    return Trainer(cfg, model, model, optimizer, scheduler, state, dist, stop, log, progress, bf16, NAMES, average)
+    return Trainer(cfg, model, model, optimizer, scheduler, state, dist, stop, log, progress, bf16, NAMES,
+                   average)
 
 
 def scst_train(run_dir: str | Path, cfg: RunConfig, resume: bool = True, progress: bool = True,

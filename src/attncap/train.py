@@ -62,7 +62,7 @@ class Trainer:
     progress: bool
     bf16: bool                     # bf16 autocast for the training step (train.precision)
     names: tuple[str, str] = ("latest", "best")  # its checkpoint folders (SCST: scst_latest, scst_best)
-    average: AveragedModel | None = None  # a moving average of the weights (train.ema, scst.ema): averaging.py
+    average: AveragedModel | None = None  # moving average of the weights (train.ema, scst.ema)
 
     @property
     def scored(self) -> Captioner:
