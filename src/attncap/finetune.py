@@ -35,7 +35,8 @@ BLOCKS = {
     "inception_v3": lambda trunk: _stem_and(list(trunk.layers)[:7], list(trunk.layers)[7:]),
     "efficientnet_lite0": lambda trunk: _stem_and(
         [trunk.net._conv_stem, trunk.net._bn0],
-        [*trunk.net._blocks, *([nn.ModuleList([trunk.net._conv_head, trunk.net._bn1])] if trunk.head else [])]),
+        [*trunk.net._blocks,
+         *([nn.ModuleList([trunk.net._conv_head, trunk.net._bn1])] if trunk.head else [])]),  # encoder.head
 }
 
 
