@@ -3,6 +3,8 @@
     python benchmarks/train_throughput.py --decoder gru --batch 64 --vocab 5001 \\
         --lengths ../shared/bench/caption_lengths_coco_like.json --steps 50
     python benchmarks/train_throughput.py --decoder gru --lengths fixed:30 --steps 30
+    python benchmarks/train_throughput.py --vocab 90 --batch 32 --regions 49 --feature-dim 1289 \\
+        --model region_positions=true --model dropout=0.3 --model hidden_dim=256   # another model
 
 Features are random (64 regions x 2048, as InceptionV3's 8x8 grid) and stored in float16 like the
 feature store; caption lengths follow a JSON histogram of words per caption ({"words": {n: p}})
@@ -22,8 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attncap import config as config_lib
 from attncap.config import ModelConfig
 from attncap.dataset import length_buckets, teacher_forcing
+from attncap.errors import AttncapError
 from attncap.model import Captioner, caption_loss, count_flops
 
 
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rows of a batch that share an image, encoded once (train.group_captions)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model setting other than the default, e.g. hidden_dim=256 (repeatable)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -74,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     paper = args.decoder == "lstm"
     cfg = ModelConfig(decoder=args.decoder, init_from_features=paper, gate=paper,
                       dropout=0.5 if paper else 0.0, alpha_c=1.0 if paper else 0.0)
+    if any("=" not in kv for kv in args.model):
+        p.error(f"--model takes KEY=VALUE, got {args.model}")
+    try:
+        changes = {"model": dict(kv.split("=", 1) for kv in args.model)}
+        cfg = config_lib.merge(config_lib.RunConfig(model=cfg), changes, source="--model", from_text=True).model
+    except AttncapError as exc:
+        p.error(str(exc))
     model = Captioner(cfg, args.vocab, args.feature_dim).to(dev).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as attncap.train
     n = (args.steps + args.warmup) * args.batch

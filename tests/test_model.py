@@ -153,3 +153,28 @@ def test_attention_penalty_is_eq_14_summed_over_regions_per_caption():
     assert abs(float(shared.penalty) - 2.0 * sum(per_caption) / 8) < 1e-6
     total, ntok = caption_loss(out, targets, alpha_c=2.0)
     assert float(total) == float(terms.total) and int(ntok) == 5
+
+
+@pytest.mark.parametrize("score", ["tanh", "relu"])
+def test_attention_without_autograd_scores_in_blocks_with_the_same_bits(score, monkeypatch):
+    """Decoding scores the regions a block of rows at a time (cache-sized); training does not.
+    Both give the same numbers to the last bit, a ragged last block included."""
+    from attncap import model as model_lib
+    torch.manual_seed(1)
+    attention = model_lib.ATTENTIONS[score](region_dim=12, attention_dim=40)
+    regions, query = torch.randn(23, 9, 12), torch.randn(23, 40)
+    memory = model_lib.Memory(regions, attention.keys(regions).detach())
+    plain_context, plain_alpha = attention(memory, query)            # autograd on: one pass
+    assert not model_lib._in_blocks(memory.keys)                    # autograd on
+    rows = 4                                                         # 23 rows: 5 blocks of 4 and one of 3
+    monkeypatch.setattr(model_lib, "SCORE_BLOCK_BYTES", rows * 9 * 40 * 4)
+    with torch.no_grad():
+        assert model_lib._block_rows(memory.keys) == rows and model_lib._in_blocks(memory.keys)
+        context, alpha = attention(memory, query)
+        monkeypatch.setattr(model_lib, "SCORE_BLOCK_BYTES", 1 << 30)  # one block: the plain path
+        assert not model_lib._in_blocks(memory.keys)
+        one_context, one_alpha = attention(memory, query)
+    assert torch.equal(alpha, plain_alpha) and torch.equal(context, plain_context)
+    assert torch.equal(alpha, one_alpha) and torch.equal(context, one_context)
+    # and the blocks are really scored: the scores are not softmax of zeros or of one block's copy
+    assert alpha.std(1).min() > 0 and not torch.equal(alpha[:4], alpha[4:8])

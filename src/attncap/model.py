@@ -88,8 +88,12 @@ class BahdanauAttention(nn.Module):
         return 2.0 * self.key(regions)                               # (B, R, A)
 
     def forward(self, memory: Memory, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        energy = (memory.keys + 2.0 * query.unsqueeze(1)).sigmoid_()  # (B, R, A), in place: no copy
-        scores = 2.0 * self.score(energy).squeeze(-1)                 # (B, R)
+        if _in_blocks(memory.keys):
+            scores = 2.0 * _scores_in_blocks(memory.keys, query, 2.0, torch.Tensor.sigmoid_,
+                                             self.score.weight)
+        else:
+            energy = (memory.keys + 2.0 * query.unsqueeze(1)).sigmoid_()  # (B, R, A), in place: no copy
+            scores = 2.0 * self.score(energy).squeeze(-1)                 # (B, R)
         alpha = F.softmax(scores, dim=-1)                             # (B, R)
         context = torch.bmm(alpha.unsqueeze(1), memory.regions).squeeze(1)  # (B, P)
         return context, alpha
@@ -103,13 +107,52 @@ class ReluAttention(BahdanauAttention):
         return self.key(regions)                                     # (B, R, A)
 
     def forward(self, memory: Memory, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        energy = (memory.keys + query.unsqueeze(1)).relu_()          # (B, R, A)
-        alpha = F.softmax(self.score(energy).squeeze(-1), dim=-1)    # (B, R)
+        if _in_blocks(memory.keys):
+            scores = _scores_in_blocks(memory.keys, query, 1.0, torch.Tensor.relu_, self.score.weight)
+        else:
+            scores = self.score((memory.keys + query.unsqueeze(1)).relu_()).squeeze(-1)  # (B, R)
+        alpha = F.softmax(scores, dim=-1)                            # (B, R)
         context = torch.bmm(alpha.unsqueeze(1), memory.regions).squeeze(1)  # (B, P)
         return context, alpha
 
 
 ATTENTIONS = {"tanh": BahdanauAttention, "relu": ReluAttention}
+
+# Without autograd on a CPU (decoding, validation) the attention scores rows block by block, about
+# this many bytes of (R, A) energies each: the add, the activation and the score's product then
+# find them in the core's cache instead of making three trips to memory over (B, R, A). The same
+# operations on the same rows, so the same numbers bit for bit (tests/test_model.py).
+SCORE_BLOCK_BYTES = 1 << 20
+
+
+def _block_rows(keys: torch.Tensor) -> int:
+    return max(1, SCORE_BLOCK_BYTES // (keys.shape[1] * keys.shape[2] * keys.element_size()))
+
+
+def _in_blocks(keys: torch.Tensor) -> bool:
+    return (not torch.is_grad_enabled() and keys.device.type == "cpu" and keys.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and len(keys) > _block_rows(keys))
+
+
+def _scores_in_blocks(keys: torch.Tensor, query: torch.Tensor, scale: float, activation_,
+                      weight: torch.Tensor) -> torch.Tensor:
+    """``weight . activation_(keys + scale * query)`` per region, (B, R), a block of rows at a time.
+
+    keys (B, R, A), query (B, A), weight (1, A): the score layer's. Each block is written into one
+    reused buffer and scored with the same product the layer uses ((rows x R, A) @ (A, 1)).
+    """
+    B, R, A = keys.shape
+    rows = _block_rows(keys)
+    scores = keys.new_empty(B, R)
+    buffer = keys.new_empty(rows, R, A)
+    weight = weight.t()                                            # (A, 1)
+    query = query.unsqueeze(1)                                     # (B, 1, A)
+    for start in range(0, B, rows):
+        n = min(rows, B - start)
+        energy = torch.add(keys[start:start + n], query[start:start + n], alpha=scale, out=buffer[:n])
+        activation_(energy)
+        torch.mm(energy.view(n * R, A), weight, out=scores[start:start + n].view(n * R, 1))
+    return scores
 
 
 def grid_positions(regions: int, device: torch.device | None = None) -> torch.Tensor:
