@@ -130,8 +130,11 @@ def _block_rows(keys: torch.Tensor) -> int:
 
 
 def _in_blocks(keys: torch.Tensor) -> bool:
+    """Eager CPU float32 without autograd, more rows than one block; never while being traced or
+    compiled (an exported graph keeps the one-pass form, whatever the batch it was traced with)."""
     return (not torch.is_grad_enabled() and keys.device.type == "cpu" and keys.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and len(keys) > _block_rows(keys))
+            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and len(keys) > _block_rows(keys))
 
 
 def _scores_in_blocks(keys: torch.Tensor, query: torch.Tensor, scale: float, activation_,
