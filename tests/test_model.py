@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attncap.config import ModelConfig
+from attncap import model as model_lib
 from attncap.errors import AttncapError
 from attncap.model import Captioner, Output, caption_loss, loss_terms
 
@@ -159,13 +160,12 @@ def test_attention_penalty_is_eq_14_summed_over_regions_per_caption():
 def test_attention_without_autograd_scores_in_blocks_with_the_same_bits(score, monkeypatch):
     """Decoding scores the regions a block of rows at a time (cache-sized); training does not.
     Both give the same numbers to the last bit, a ragged last block included."""
-    from attncap import model as model_lib
     torch.manual_seed(1)
     attention = model_lib.ATTENTIONS[score](region_dim=12, attention_dim=40)
     regions, query = torch.randn(23, 9, 12), torch.randn(23, 40)
     memory = model_lib.Memory(regions, attention.keys(regions).detach())
     plain_context, plain_alpha = attention(memory, query)            # autograd on: one pass
-    assert not model_lib._in_blocks(memory.keys)                    # autograd on
+    assert not model_lib._in_blocks(memory.keys)
     rows = 4                                                         # 23 rows: 5 blocks of 4 and one of 3
     monkeypatch.setattr(model_lib, "SCORE_BLOCK_BYTES", rows * 9 * 40 * 4)
     with torch.no_grad():
