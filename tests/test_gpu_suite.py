@@ -77,7 +77,12 @@ def test_every_benchmark_reports_its_figures(suite):
     assert lines["train_throughput"]["captions_per_s"] > 0 and lines["train_throughput"]["useful_gflops_per_s"] > 0
     decode = lines["decode_throughput"]
     assert decode["peak_fp32_gflops_per_s"] == peak  # the shares are of the suite's own peak figure
-    assert 0 < decode["batched_share_of_peak"] <= 1 and 0 < decode["one_by_one_share_of_peak"] <= 1
+    # each share is its GFLOP/s over that peak (not bounded by 1: the suite's peak step ran at another
+    # moment, and on a shared 2-core machine the load between the two moments differs)
+    for way in ("batched", "one_by_one"):
+        share = decode[f"{way}_useful_gflops_per_s"] / peak
+        rounding = 5e-4 + 0.05 * (1 + share) / peak  # figures printed to 0.1, the share to 0.001
+        assert decode[f"{way}_share_of_peak"] == pytest.approx(share, abs=rounding) and share > 0
     assert decode["batched_captions_per_s"] > 0 and decode["batched_useful_gflops_per_s"] > 0
     assert 0 < decode["useful_rows_per_caption"] <= 3 * 5 - 2  # K * max_len less the first step's copies
     assert lines["feature_throughput"]["images"] == 16 and lines["feature_throughput"]["images_per_s"] > 0
