@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attncap.config import ModelConfig
-from attncap import model as model_lib
+from attncap import attention as attention_lib
 from attncap.errors import AttncapError
 from attncap.model import Captioner, Output, caption_loss, loss_terms
 
@@ -161,18 +161,18 @@ def test_attention_without_autograd_scores_in_blocks_with_the_same_bits(score, m
     """Decoding scores the regions a block of rows at a time (cache-sized); training does not.
     Both give the same numbers to the last bit, a ragged last block included."""
     torch.manual_seed(1)
-    attention = model_lib.ATTENTIONS[score](region_dim=12, attention_dim=40)
+    attention = attention_lib.ATTENTIONS[score](region_dim=12, attention_dim=40)
     regions, query = torch.randn(23, 9, 12), torch.randn(23, 40)
-    memory = model_lib.Memory(regions, attention.keys(regions).detach())
+    memory = attention_lib.Memory(regions, attention.keys(regions).detach())
     plain_context, plain_alpha = attention(memory, query)            # autograd on: one pass
-    assert not model_lib._in_blocks(memory.keys)
+    assert not attention_lib._in_blocks(memory.keys)
     rows = 4                                                         # 23 rows: 5 blocks of 4 and one of 3
-    monkeypatch.setattr(model_lib, "SCORE_BLOCK_BYTES", rows * 9 * 40 * 4)
+    monkeypatch.setattr(attention_lib, "SCORE_BLOCK_BYTES", rows * 9 * 40 * 4)
     with torch.no_grad():
-        assert model_lib._block_rows(memory.keys) == rows and model_lib._in_blocks(memory.keys)
+        assert attention_lib._block_rows(memory.keys) == rows and attention_lib._in_blocks(memory.keys)
         context, alpha = attention(memory, query)
-        monkeypatch.setattr(model_lib, "SCORE_BLOCK_BYTES", 1 << 30)  # one block: the plain path
-        assert not model_lib._in_blocks(memory.keys)
+        monkeypatch.setattr(attention_lib, "SCORE_BLOCK_BYTES", 1 << 30)  # one block: the plain path
+        assert not attention_lib._in_blocks(memory.keys)
         one_context, one_alpha = attention(memory, query)
     assert torch.equal(alpha, plain_alpha) and torch.equal(context, plain_context)
     assert torch.equal(alpha, one_alpha) and torch.equal(context, one_context)
