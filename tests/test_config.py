@@ -167,3 +167,4 @@ def test_shipped_config_files_and_the_demo_preset_are_valid(tmp_path):
         config_lib.load(path)
     demo = demo_config(tmp_path / "new")
     assert demo.train.patience == 6 and demo.encoder.precision == "fp32" and not (tmp_path / "new").exists()
+    assert demo.model.attention_dim == 256 and config_lib.RunConfig().model.attention_dim == 512  # the seed's
