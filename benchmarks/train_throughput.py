@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if any("=" not in kv for kv in args.model):
         p.error(f"--model takes KEY=VALUE, got {args.model}")
     try:
-        changes = {"model": dict(kv.split("=", 1) for kv in args.model)}
+        changes = config_lib.parse_overrides([f"model.{kv}" for kv in args.model])
         cfg = config_lib.merge(config_lib.RunConfig(model=cfg), changes, source="--model", from_text=True).model
     except AttncapError as exc:
         p.error(str(exc))

@@ -31,8 +31,11 @@ class BahdanauAttention(nn.Module):
     Computed as ``tanh(x) = 2 sigmoid(2x) - 1``: the ``- v.1`` term is the same for every region
     and cancels in the softmax, so ``alpha = softmax(2v . sigmoid(2x))``, the same numbers as the
     tanh form (to float rounding) from an element-wise op that is several times faster on CPU.
-    Memory keys hold ``2 (W_k region + b)``.
+    Memory keys hold ``2 (W_k region + b)``, the query enters doubled and the score is doubled.
     """
+
+    key_scale = query_scale = score_scale = 2.0
+    activation_ = staticmethod(torch.Tensor.sigmoid_)  # in place: no copy of (B, R, A)
 
     def __init__(self, region_dim: int, attention_dim: int):
         super().__init__()
@@ -40,15 +43,18 @@ class BahdanauAttention(nn.Module):
         self.score = nn.Linear(attention_dim, 1, bias=False)  # a bias would cancel in the softmax
 
     def keys(self, regions: torch.Tensor) -> torch.Tensor:
-        return 2.0 * self.key(regions)                               # (B, R, A)
+        keys = self.key(regions)                                     # (B, R, A)
+        return keys if self.key_scale == 1.0 else self.key_scale * keys
 
     def forward(self, memory: Memory, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if _in_blocks(memory.keys):
-            scores = 2.0 * _scores_in_blocks(memory.keys, query, 2.0, torch.Tensor.sigmoid_,
-                                             self.score.weight)
+            scores = _scores_in_blocks(memory.keys, query, self.query_scale, self.activation_,
+                                       self.score.weight)
         else:
-            energy = (memory.keys + 2.0 * query.unsqueeze(1)).sigmoid_()  # (B, R, A), in place: no copy
-            scores = 2.0 * self.score(energy).squeeze(-1)                 # (B, R)
+            energy = torch.add(memory.keys, query.unsqueeze(1), alpha=self.query_scale)  # (B, R, A)
+            scores = self.score(self.activation_(energy)).squeeze(-1)                     # (B, R)
+        if self.score_scale != 1.0:
+            scores = self.score_scale * scores
         alpha = F.softmax(scores, dim=-1)                             # (B, R)
         context = torch.bmm(alpha.unsqueeze(1), memory.regions).squeeze(1)  # (B, P)
         return context, alpha
@@ -58,17 +64,8 @@ class ReluAttention(BahdanauAttention):
     """score_r = v . relu(W_k region_r + query), as in sgrvinod's tutorial; memory keys hold
     ``W_k region + b``. (The score layer's bias, which that model has, cancels in the softmax.)"""
 
-    def keys(self, regions: torch.Tensor) -> torch.Tensor:
-        return self.key(regions)                                     # (B, R, A)
-
-    def forward(self, memory: Memory, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if _in_blocks(memory.keys):
-            scores = _scores_in_blocks(memory.keys, query, 1.0, torch.Tensor.relu_, self.score.weight)
-        else:
-            scores = self.score((memory.keys + query.unsqueeze(1)).relu_()).squeeze(-1)  # (B, R)
-        alpha = F.softmax(scores, dim=-1)                            # (B, R)
-        context = torch.bmm(alpha.unsqueeze(1), memory.regions).squeeze(1)  # (B, P)
-        return context, alpha
+    key_scale = query_scale = score_scale = 1.0
+    activation_ = staticmethod(torch.Tensor.relu_)
 
 
 ATTENTIONS = {"tanh": BahdanauAttention, "relu": ReluAttention}
